@@ -1,0 +1,371 @@
+"""Configuration: OmegaConf structured configs, loaded from YAML plus `key=value` overrides.
+
+Every section is a dataclass, so a typo in a key or a value of the wrong type is caught
+before any work starts, with a message that names the key and what would have been valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    # A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) fills the sizes below; null keeps them.
+    preset: str | None = None
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    # Round the embedding table up to a multiple of this (128 gives 50304 for GPT-2) for faster
+    # matmuls; the padded ids are never sampled or scored.
+    pad_vocab_to: int = 1
+    # Start from pretrained weights: a hub name (gpt2, ...) or a local Hugging Face directory.
+    init_from: str | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    # "gpt2" (tiktoken's GPT-2 BPE) or "bytes" (UTF-8 bytes + an end-of-text id, no files needed).
+    name: str = "gpt2"
+    # Directory holding encoder.json + vocab.bpe for offline use; the GPT2_TOKENIZER_DIR
+    # environment variable is used when this is null.
+    files_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # Where the token shards live: a local directory or an fsspec URL (s3://bucket/prefix).
+    dir: str = "data/edu_fineweb10B"
+    # What `gpt2.prepare` reads: "hf:HuggingFaceFW/fineweb-edu:sample-10BT", "builtin:pydoc",
+    # or files (.txt, .jsonl, .parquet) by path, glob or fsspec URL.
+    source: str = "hf:HuggingFaceFW/fineweb-edu:sample-10BT"
+    text_field: str = "text"
+    shard_tokens: int = 100_000_000
+    # Tokens that go to the validation split (taken first, as build-nanogpt does: shard 0 is val).
+    val_tokens: int = 100_000_000
+    # How .txt inputs become documents: "file" (one per file) or "paragraph" (split at blank lines).
+    txt_split: str = "file"
+    # Prepare the shards on the first run when they are missing (the demo uses this).
+    auto_prepare: bool = False
+    # Tokenization processes for `gpt2.prepare`; 0 means one per CPU core.
+    workers: int = 0
+    # Where remote shards are cached locally (default: ~/.cache/gpt2/shards).
+    cache_dir: str | None = None
+    # Shuffle fixed-length blocks of the train stream per epoch, from train.seed (same on every rank).
+    shuffle: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 715
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.96])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Fused AdamW kernel where the device supports it.
+    fused: bool = True
+
+
+@dataclass
+class TrainConfig:
+    total_batch_tokens: int = 491_520
+    micro_batch: int = 4
+    seq_len: int = 1024
+    max_steps: int = 19_073
+    seed: int = 1337
+    # auto: cuda if available, else cpu. Or cpu / cuda.
+    device: str = "auto"
+    # auto: bfloat16 autocast on CUDA, float32 on CPU. Or float32 / bfloat16.
+    dtype: str = "auto"
+    compile: bool = False
+    compile_mode: str | None = None
+    log_every: int = 1
+    # DDP tuning (issue: performance).
+    ddp_bucket_cap_mb: int = 25
+    ddp_static_graph: bool = False
+
+
+@dataclass
+class EvalConfig:
+    val_every: int = 250
+    val_batches: int = 20
+    hellaswag_every: int = 200
+    # Local path to hellaswag_val.jsonl; null downloads it (needs network) into the cache.
+    hellaswag_path: str | None = None
+    # Evaluate only the first N examples (0: all 10,042).
+    hellaswag_limit: int = 0
+    sample_every: int = 50
+    sample_prompt: str = "Hello this is AI model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    top_k: int = 50
+
+
+@dataclass
+class CheckpointConfig:
+    # A local path or an fsspec URL (s3://..., gs://...).
+    dir: str = "runs/gpt2-124m/checkpoints"
+    every: int = 1000
+    keep: int = 2
+    # auto: newest complete checkpoint under dir; never; or a path to one checkpoint.
+    resume: str = "auto"
+    async_save: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Transient storage errors are retried this many times with exponential backoff.
+    retries: int = 5
+
+
+@dataclass
+class LoggingConfig:
+    # TensorBoard event directory (rank 0 writes it); the same directory across restarts.
+    dir: str = "runs/gpt2-124m/tensorboard"
+
+
+@dataclass
+class LaunchConfig:
+    """Settings shared by the SLURM and Kubernetes launchers."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    # torchrun --max-restarts: worker failures survived in place before the job fails.
+    max_restarts: int = 3
+    # Requeues of a SLURM job (preemption or time limit) before we give up.
+    max_requeues: int = 20
+    # Seconds before the time limit at which SLURM sends the warning signal.
+    signal_delay_s: int = 120
+    image: str = "ghcr.io/gpt2-cluster/gpt2:0.1.0"
+    run_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    name: str = "gpt2-124m"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+_ = MISSING  # re-exported for configs that want a required value
+
+_CHOICES = {
+    "tokenizer.name": ("gpt2", "bytes"),
+    "data.txt_split": ("file", "paragraph"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "float32", "bfloat16"),
+}
+
+_SECRET_WORDS = ("secret", "password", "token", "key", "credential")
+
+
+def all_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema (used to suggest the nearest one on a typo)."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys: list[str] = []
+    for k in node.keys():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and child._metadata.object_type not in (None, dict):
+            keys.extend(all_keys(child, full + "."))
+    return keys
+
+
+def _unknown_key_message(key: str, where: str) -> str:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; see gpt2/config.py for the valid keys"
+    return f"unknown config key '{key}' in {where}{hint}"
+
+
+def _full_key(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "full_key", None) or getattr(err, "key", None) or "?")
+
+
+def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise ConfigError(_unknown_key_message(_full_key(err), where)) from None
+    except ValidationError as err:
+        raise ConfigError(_type_message(err, where)) from None
+
+
+def _type_message(err: ValidationError, where: str) -> str:
+    key = _full_key(err)
+    value = getattr(err, "msg", str(err)).split("\n")[0]
+    return f"bad value for config key '{key}' in {where}: {value} (expected {_expected_type(key)})"
+
+
+def _expected_type(key: str) -> str:
+    """The annotated type of a dotted key in the schema, e.g. 'int' for train.max_steps."""
+    import dataclasses
+
+    cls: Any = Config
+    annotation = "?"
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return annotation
+        annotation = str(fields[part].type)
+        cls = fields[part].default_factory() if callable(fields[part].default_factory) else None
+        cls = type(cls) if dataclasses.is_dataclass(cls) else None
+    return annotation
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.max_steps=100)")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides.
+
+    Raises ConfigError with a precise message on an unknown key, a wrong type or a bad value.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found (try configs/demo.yaml or configs/gpt2-124m.yaml)")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"cannot parse config file '{path}': {err}") from None
+        cfg = _merge(cfg, file_cfg, f"'{path}'")
+    if overrides:
+        cfg = _merge(cfg, _parse_overrides(overrides), "the command line")
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    apply_preset(config)
+    validate(config)
+    return config
+
+
+def apply_preset(config: Config) -> None:
+    """Fill the model sizes from `model.preset` (the four OpenAI GPT-2 sizes)."""
+    from gpt2.model import PRESETS
+
+    if config.model.preset is None:
+        return
+    if config.model.preset not in PRESETS:
+        raise ConfigError(
+            f"unknown model.preset '{config.model.preset}'; choose one of {', '.join(PRESETS)} or null"
+        )
+    for k, v in PRESETS[config.model.preset].items():
+        setattr(config.model, k, v)
+
+
+def validate(config: Config) -> None:
+    """Checks that need more than types: choices, positive sizes, consistent batch shapes."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(choices)}")
+    positives = {
+        "model.n_layer": config.model.n_layer,
+        "model.n_head": config.model.n_head,
+        "model.n_embd": config.model.n_embd,
+        "model.block_size": config.model.block_size,
+        "model.vocab_size": config.model.vocab_size,
+        "model.pad_vocab_to": config.model.pad_vocab_to,
+        "train.total_batch_tokens": config.train.total_batch_tokens,
+        "train.micro_batch": config.train.micro_batch,
+        "train.seq_len": config.train.seq_len,
+        "data.shard_tokens": config.data.shard_tokens,
+        "checkpoint.every": config.checkpoint.every,
+    }
+    for key, value in positives.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if config.model.n_embd % config.model.n_head:
+        raise ConfigError(
+            f"model.n_embd ({config.model.n_embd}) must be divisible by model.n_head ({config.model.n_head})"
+        )
+    if config.train.seq_len > config.model.block_size:
+        raise ConfigError(
+            f"train.seq_len ({config.train.seq_len}) exceeds model.block_size ({config.model.block_size})"
+        )
+    if config.checkpoint.keep < 2:
+        raise ConfigError(f"checkpoint.keep must be at least 2 (got {config.checkpoint.keep}): "
+                          "the previous checkpoint is what survives a crash during a save")
+    if len(config.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have two values, got {list(config.optim.betas)}")
+    if config.tokenizer.name == "bytes" and config.model.vocab_size < 257:
+        raise ConfigError("tokenizer 'bytes' needs model.vocab_size >= 257 (256 bytes + end-of-text)")
+    grad_accum_steps(config, world_size=1)
+
+
+def grad_accum_steps(config: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that the global batch is `train.total_batch_tokens`."""
+    t = config.train
+    per_step = t.micro_batch * t.seq_len * world_size
+    if t.total_batch_tokens % per_step:
+        raise ConfigError(
+            f"train.total_batch_tokens ({t.total_batch_tokens}) is not divisible by "
+            f"train.micro_batch ({t.micro_batch}) x train.seq_len ({t.seq_len}) x world size ({world_size}) "
+            f"= {per_step}; change one of them so the global batch stays exact"
+        )
+    return t.total_batch_tokens // per_step
+
+
+def to_yaml(config: Config, redact: bool = True) -> str:
+    """The resolved config as YAML, with secrets in storage options replaced by '***'."""
+    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    if redact:
+        data = _redact(data)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _redact(value: Any, inside_storage_options: bool = False, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _redact(v, inside_storage_options or k == "storage_options", str(k)) for k, v in value.items()
+        }
+    if inside_storage_options and any(w in key.lower() for w in _SECRET_WORDS) and value not in (None, ""):
+        return "***"
+    return value
+
+
+def cli_config(argv: list[str], usage: str) -> Config:
+    """Parse `CONFIG [key=value ...]` for the command-line entry points; exits 2 on a bad config."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    path, overrides = argv[0], argv[1:]
+    try:
+        return load_config(path, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,97 @@
+"""Process-group set-up and tear-down: one process, or torchrun (any nodes x processes)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device("cuda", local_rank)
+
+
+def init(device_preference: str = "auto") -> Dist:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); NCCL on GPUs, gloo on CPU."""
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world, device)
+
+
+def teardown(*objects_to_drop: object) -> None:
+    """Leave the process group cleanly.
+
+    A process that exits while a DDP module is alive aborts now and then under gloo
+    ("terminate called without an active exception"); dropping it, collecting, a barrier and
+    destroying the group avoids that. Callers pass nothing: they `del` their own references first.
+    """
+    del objects_to_drop
+    gc.collect()
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def abort() -> None:
+    """Leave the process group after a failure, without a barrier (peers may be gone)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

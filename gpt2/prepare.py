@@ -1,0 +1,359 @@
+"""`python -m gpt2.prepare CONFIG [key=value ...]`: text corpus -> uint16 token shards.
+
+Streams documents from `data.source`, tokenizes them in parallel worker processes (ordered, with a
+bounded number of batches in flight), prefixes each with end-of-text, and cuts the stream into
+shards: the first `data.val_tokens` tokens are the val split, the rest train shards of
+`data.shard_tokens`. Each shard is written atomically and recorded in the manifest with the
+document position where it ends, so a killed run resumes after its last finished shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from gpt2.config import Config, cli_config
+from gpt2.shards import (
+    DTYPE,
+    Manifest,
+    npy_bytes,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
+from gpt2.storage import filesystem, join, with_retries, write_bytes
+from gpt2.tokenizer import Tokenizer, get_tokenizer
+
+USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
+
+Tokenizes data.source into shards under data.dir, e.g.
+  python -m gpt2.prepare configs/gpt2-124m.yaml                     # FineWeb-Edu sample-10BT (network)
+  python -m gpt2.prepare configs/gpt2-124m.yaml data.source='corpus/*.jsonl' data.dir=s3://bucket/edu
+  python -m gpt2.prepare configs/demo.yaml                          # Python's built-in help texts
+"""
+
+DOCS_PER_BATCH = 256
+
+
+# ---- sources: iterators of documents -------------------------------------------------------------
+
+
+def iter_documents(source: str, text_field: str = "text", txt_split: str = "file",
+                   storage_options: dict[str, Any] | None = None) -> Iterator[str]:
+    """Documents from a source spec: `hf:REPO:NAME`, `builtin:pydoc`, or files by path/glob/URL."""
+    if source.startswith("hf:"):
+        yield from _hub_documents(source, text_field)
+    elif source == "builtin:pydoc":
+        import pydoc_data.topics
+
+        for key in sorted(pydoc_data.topics.topics):
+            yield pydoc_data.topics.topics[key]
+    else:
+        yield from _file_documents(source, text_field, txt_split, storage_options or {})
+
+
+def _hub_documents(source: str, text_field: str) -> Iterator[str]:
+    parts = source.split(":")
+    repo, name = parts[1], (parts[2] if len(parts) > 2 else None)
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("error: streaming from the hub needs `datasets`: pip install 'gpt2[hub]'") from None
+    try:
+        ds = load_dataset(repo, name=name, split="train", streaming=True)
+        for row in ds:
+            yield row[text_field]
+    except Exception as err:
+        raise SystemExit(
+            f"error: cannot stream {repo} ({name}) from the Hugging Face hub: {type(err).__name__}: {err}. "
+            "Offline, download the parquet files elsewhere and set data.source to their path."
+        ) from None
+
+
+def _expand(source: str, storage_options: dict[str, Any]) -> list[str]:
+    if "://" in source:
+        fs, path = filesystem(source, storage_options)
+        protocol = source.split("://")[0]
+        paths = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
+        return [f"{protocol}://{p}" for p in paths]
+    return sorted(glob.glob(source)) if any(c in source for c in "*?[") else [source]
+
+
+def _file_documents(source: str, text_field: str, txt_split: str, storage_options: dict[str, Any]) -> Iterator[str]:
+    paths = _expand(source, storage_options)
+    if not paths:
+        raise SystemExit(f"error: data.source '{source}' matches no files")
+    for path in paths:
+        name = path.removesuffix(".gz").removesuffix(".zst")
+        try:
+            if name.endswith(".parquet"):
+                yield from _parquet_documents(path, text_field, storage_options)
+                continue
+            with fsspec.open(path, "rt", encoding="utf-8", compression="infer", **storage_options) as f:
+                if name.endswith((".jsonl", ".json")):
+                    for lineno, line in enumerate(f, 1):
+                        if line.strip():
+                            yield _json_text(line, text_field, path, lineno)
+                elif txt_split == "paragraph":
+                    for para in f.read().split("\n\n"):
+                        if para.strip():
+                            yield para
+                else:
+                    yield f.read()
+        except FileNotFoundError:
+            raise SystemExit(f"error: input file {path} not found (data.source='{source}')") from None
+
+
+def _json_text(line: str, text_field: str, path: str, lineno: int) -> str:
+    try:
+        return json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SystemExit(
+            f"error: {path}:{lineno} is not a JSON object with a '{text_field}' field ({err}); "
+            "set data.text_field to the field that holds the text"
+        ) from None
+
+
+def _parquet_documents(path: str, text_field: str, storage_options: dict[str, Any]) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(path, "rb", **storage_options) as f:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.num_row_groups):
+            yield from pf.read_row_group(i, columns=[text_field]).column(text_field).to_pylist()
+
+
+# ---- tokenization in workers ----------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def tokenize_batch(docs: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents, each prefixed by end-of-text: (concatenated uint16 tokens, per-doc lengths)."""
+    tok = tokenizer or _worker_tokenizer
+    assert tok is not None
+    encoded = tok.encode_batch(docs)
+    lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.empty(int(lengths.sum()), dtype=np.int64)
+    pos = 0
+    for ids in encoded:
+        flat[pos] = tok.eot
+        flat[pos + 1:pos + 1 + len(ids)] = ids
+        pos += len(ids) + 1
+    if flat.size and (flat.max() >= 2**16 or flat.min() < 0):
+        raise ValueError("token id out of uint16 range")
+    return flat.astype(DTYPE), lengths
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenized_docs(docs: Iterator[str], tokenizer: Tokenizer, workers: int,
+                   executor_kind: str = "process") -> Iterator[np.ndarray]:
+    """Token arrays of `docs`, in order. At most 2 x workers batches are in flight (bounded memory)."""
+    if workers <= 1:
+        for batch in _batches(docs, DOCS_PER_BATCH):
+            tokens, lengths = tokenize_batch(batch, tokenizer)
+            yield from np.split(tokens, np.cumsum(lengths)[:-1])
+        return
+    pool: Executor
+    if executor_kind == "process":
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer,))
+        submit = lambda b: pool.submit(tokenize_batch, b)  # noqa: E731
+    else:
+        pool = ThreadPoolExecutor(workers)
+        submit = lambda b: pool.submit(tokenize_batch, b, tokenizer)  # noqa: E731
+    with pool:
+        pending: deque = deque()
+        for batch in _batches(docs, DOCS_PER_BATCH):
+            pending.append(submit(batch))
+            if len(pending) >= 2 * workers:
+                tokens, lengths = pending.popleft().result()
+                yield from np.split(tokens, np.cumsum(lengths)[:-1])
+        while pending:
+            tokens, lengths = pending.popleft().result()
+            yield from np.split(tokens, np.cumsum(lengths)[:-1])
+
+
+# ---- the shard writer -----------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    documents: int = 0
+    tokens: int = 0
+    shards: int = 0
+    skipped_shards: int = 0
+    seconds: float = 0.0
+    shard_files: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (f"prepared {self.documents:,} documents, {self.tokens:,} new tokens, {self.shards} shards "
+                f"({self.skipped_shards} already done) in {self.seconds:.1f}s ({rate:,.0f} tokens/s)")
+
+
+class Progress:
+    """A one-line progress report with tokens/s and an ETA when the total is known."""
+
+    def __init__(self, total_tokens: int | None, enabled: bool):
+        self.total, self.enabled = total_tokens, enabled
+        self.start = self.last = time.time()
+
+    def update(self, tokens: int, shards: int, force: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or (now - self.last < 1.0 and not force):
+            return
+        self.last = now
+        rate = tokens / max(now - self.start, 1e-9)
+        eta = ""
+        if self.total:
+            eta = f", ETA {max(self.total - tokens, 0) / max(rate, 1):.0f}s"
+        line = f"\r{tokens:,} tokens, {shards} shards, {rate:,.0f} tokens/s{eta}   "
+        print(line, end="", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: Config, workers: int | None = None, executor_kind: str = "process",
+            progress: bool = True, total_tokens_hint: int | None = None) -> Summary:
+    """Prepare `cfg.data.source` into shards under `cfg.data.dir`, resuming a killed run."""
+    d = cfg.data
+    tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
+    if tokenizer.n_vocab > 2**16:
+        raise SystemExit(f"error: tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids; uint16 shards hold 65536")
+    workers = workers or d.workers or _cpu_count()
+    fs, root = filesystem(d.dir, d.storage_options)
+    manifest = read_manifest(d.dir, d.storage_options)
+    fresh = Manifest(tokenizer=tokenizer.fingerprint, source=d.source, shard_tokens=d.shard_tokens,
+                     val_tokens=d.val_tokens, shards=[])
+    if manifest is None:
+        manifest = fresh
+    else:
+        mine = (fresh.tokenizer, fresh.source, fresh.shard_tokens, fresh.val_tokens)
+        theirs = (manifest.tokenizer, manifest.source, manifest.shard_tokens, manifest.val_tokens)
+        if mine != theirs:
+            raise SystemExit(
+                f"error: {d.dir} holds shards prepared with other settings (tokenizer, source, shard_tokens, "
+                f"val_tokens = {theirs}, now {mine}); use another data.dir or delete that one"
+            )
+        if manifest.complete:
+            print(f"{d.dir} is already fully prepared ({len(manifest.shards)} shards); nothing to do")
+            return Summary(skipped_shards=len(manifest.shards))
+
+    summary = Summary(skipped_shards=len(manifest.shards))
+    start = time.time()
+    next_doc, next_offset = 0, 0
+    if manifest.shards:
+        next_doc, next_offset = manifest.shards[-1]["next_doc"], manifest.shards[-1]["next_offset"]
+        print(f"resuming: {len(manifest.shards)} shards already written, continuing at document {next_doc:,}")
+    with_retries(lambda: fs.makedirs(root, exist_ok=True), f"creating {d.dir}")
+
+    def plan(index: int) -> tuple[str, int]:
+        """Split and size of shard number `index` of the whole sequence."""
+        val_shards = -(-d.val_tokens // d.shard_tokens)
+        if index < val_shards:
+            return "val", min(d.shard_tokens, d.val_tokens - index * d.shard_tokens)
+        return "train", d.shard_tokens
+
+    def split_index(split: str) -> int:
+        return sum(1 for s in manifest.shards if s["split"] == split)
+
+    buf = np.empty(d.shard_tokens, dtype=DTYPE)
+    fill = 0
+    split, size = plan(len(manifest.shards))
+
+    def flush(doc_index: int, offset: int) -> None:
+        nonlocal fill, split, size
+        name = shard_name(split, split_index(split))
+        data = npy_bytes(buf[:fill].copy())
+        with_retries(lambda: write_bytes(fs, join(root, name), data), f"writing {d.dir}/{name}")
+        manifest.shards.append(dict(file=name, split=split, tokens=int(fill), next_doc=doc_index, next_offset=offset))
+        manifest.documents = doc_index
+        write_manifest(d.dir, manifest, d.storage_options)
+        summary.shards += 1
+        summary.shard_files.append(name)
+        fill = 0
+        split, size = plan(len(manifest.shards))
+
+    docs = iter_documents(d.source, d.text_field, d.txt_split, d.storage_options)
+    docs = _skip(docs, next_doc)
+    meter = Progress(total_tokens_hint, progress)
+    doc_index = next_doc
+    for tokens in tokenized_docs(docs, tokenizer, workers, executor_kind):
+        pos = next_offset if doc_index == next_doc else 0
+        while pos < tokens.size:
+            take = min(size - fill, tokens.size - pos)
+            buf[fill:fill + take] = tokens[pos:pos + take]
+            fill += take
+            pos += take
+            summary.tokens += take
+            if fill == size:
+                flush(doc_index + (pos == tokens.size), pos if pos < tokens.size else 0)
+        doc_index += 1
+        summary.documents += 1
+        meter.update(summary.tokens, len(manifest.shards))
+    if not any(s["split"] == "train" for s in manifest.shards) and fill == 0:
+        raise SystemExit(
+            f"error: the corpus ended after {summary.tokens:,} tokens, before any train shard "
+            f"(data.val_tokens={d.val_tokens:,}); lower data.val_tokens or add text"
+        )
+    if fill:
+        if split == "val":
+            raise SystemExit(
+                f"error: the corpus has only {summary.tokens:,} tokens, fewer than data.val_tokens="
+                f"{d.val_tokens:,}; lower data.val_tokens so that train shards remain"
+            )
+        flush(doc_index, 0)
+    manifest.complete = True
+    manifest.documents = doc_index
+    write_manifest(d.dir, manifest, d.storage_options)
+    meter.update(summary.tokens, len(manifest.shards), force=True)
+    if progress:
+        print(file=sys.stderr)
+    summary.seconds = time.time() - start
+    return summary
+
+
+def _skip(docs: Iterator[str], n: int) -> Iterator[str]:
+    for i, doc in enumerate(docs):
+        if i >= n:
+            yield doc
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(sys.argv[1:] if argv is None else argv, USAGE)
+    summary = prepare(cfg)
+    print(summary)
+    print(f"shards in {cfg.data.dir}")
+
+
+if __name__ == "__main__":
+    main()

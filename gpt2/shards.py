@@ -1,0 +1,223 @@
+"""Token shards on disk: uint16 `.npy` files plus a `manifest.json` that says what they hold.
+
+Layout of a data directory (local or any fsspec URL):
+
+    manifest.json      tokenizer, dtype, source, per-shard token counts, and `complete`
+    val_000000.npy     the first `val_tokens` tokens of the corpus
+    train_000000.npy   the rest, `shard_tokens` per shard (the last one may be shorter)
+    ...
+
+Remote shards are fetched once into a local cache; local shards are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2.storage import filesystem, is_local, join, with_retries, write_bytes
+
+MANIFEST = "manifest.json"
+FORMAT = "gpt2-shards/1"
+DTYPE = np.uint16
+
+
+class DataError(RuntimeError):
+    """The token data is missing or not what the config expects; the message names file and fix."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.npy"
+
+
+def npy_bytes(tokens: np.ndarray) -> bytes:
+    """A shard's file content: a standard .npy of uint16 tokens."""
+    if tokens.dtype != DTYPE:
+        raise ValueError(f"shards hold uint16 tokens, got {tokens.dtype}")
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_size(n_tokens: int) -> int:
+    """Size in bytes of the .npy file of `n_tokens` uint16 tokens."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<u2", "fortran_order": False, "shape": (n_tokens,)})
+    return buf.tell() + 2 * n_tokens
+
+
+@dataclass
+class Manifest:
+    tokenizer: str  # tokenizer fingerprint
+    source: str
+    shard_tokens: int
+    val_tokens: int
+    shards: list[dict[str, Any]]
+    complete: bool = False
+    documents: int = 0
+    dtype: str = "uint16"
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise DataError(f"{where}: unknown shard format {data.get('format')!r}, expected {FORMAT!r}")
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise DataError(f"{where}: not a valid shard manifest ({err}); prepare the data again") from None
+
+    def split(self, split: str) -> list[dict[str, Any]]:
+        return [s for s in self.shards if s["split"] == split]
+
+
+def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
+    fs, root = filesystem(url, storage_options)
+    path = join(root, MANIFEST)
+    if not fs.exists(path):
+        return None
+    return Manifest.from_json(fs.cat_file(path).decode(), f"{url}/{MANIFEST}")
+
+
+def write_manifest(url: str, manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
+    fs, root = filesystem(url, storage_options)
+    with_retries(lambda: write_bytes(fs, join(root, MANIFEST), manifest.to_json().encode()), "writing manifest")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GPT2_CACHE_DIR", Path.home() / ".cache" / "gpt2"))
+
+
+class ShardSet:
+    """The shards of one split, read as one contiguous token stream.
+
+    `read(start, n)` returns tokens [start, start + n) of the stream, across shard boundaries.
+    """
+
+    def __init__(self, url: str, split: str, manifest: Manifest, storage_options: dict[str, Any] | None,
+                 cache_dir: str | None):
+        self.url = url
+        self.split = split
+        self.entries = manifest.split(split)
+        self.storage_options = storage_options or {}
+        self.fs, self.root = filesystem(url, self.storage_options)
+        self.local = is_local(self.fs)
+        key = hashlib.sha1(url.encode()).hexdigest()[:16]
+        self.cache = Path(cache_dir) if cache_dir else default_cache_dir() / "shards" / key
+        sizes = [int(e["tokens"]) for e in self.entries]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._arrays: dict[int, np.ndarray] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def check_files(self, min_tokens: int) -> None:
+        """Every shard exists with the size its manifest says; raise DataError naming the file if not."""
+        for e in self.entries:
+            where = f"{self.url}/{e['file']}"
+            if int(e["tokens"]) < min_tokens:
+                raise DataError(
+                    f"{where} holds {e['tokens']} tokens, fewer than one sequence ({min_tokens}); "
+                    "prepare with a larger data.shard_tokens"
+                )
+            path = join(self.root, e["file"])
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                raise DataError(f"shard {where} listed in the manifest is missing; prepare the data again") from None
+            expected = npy_size(int(e["tokens"]))
+            if size != expected:
+                raise DataError(
+                    f"shard {where} is {size} bytes but {e['tokens']} uint16 tokens need {expected} "
+                    "(truncated, or written with another dtype); prepare the data again"
+                )
+            if self.local:
+                self._array(self.entries.index(e))
+
+    def _local_path(self, i: int) -> str:
+        name = self.entries[i]["file"]
+        if self.local:
+            return join(self.root, name)
+        target = self.cache / name
+        if not target.exists() or target.stat().st_size != npy_size(int(self.entries[i]["tokens"])):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+            with_retries(lambda: self.fs.get_file(join(self.root, name), str(tmp)), f"fetching {self.url}/{name}")
+            os.replace(tmp, target)
+        return str(target)
+
+    def _array(self, i: int) -> np.ndarray:
+        if i not in self._arrays:
+            path = self._local_path(i)
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as err:
+                raise DataError(f"shard {path} cannot be read ({err}); prepare the data again") from None
+            if arr.dtype != DTYPE or arr.ndim != 1:
+                raise DataError(
+                    f"shard {path} holds {arr.dtype} of shape {arr.shape}, expected 1-D uint16; "
+                    "prepare the data again with gpt2.prepare"
+                )
+            if arr.shape[0] != int(self.entries[i]["tokens"]):
+                expected = self.entries[i]["tokens"]
+                raise DataError(f"shard {path} holds {arr.shape[0]} tokens, its manifest says {expected}")
+            self._arrays[i] = arr
+        return self._arrays[i]
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=DTYPE)
+        filled = 0
+        while filled < n:
+            pos = start + filled
+            i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            arr = self._array(i)
+            local = pos - int(self.offsets[i])
+            take = min(n - filled, arr.shape[0] - local)
+            out[filled:filled + take] = arr[local:local + take]
+            filled += take
+        return out
+
+
+def open_split(url: str, split: str, tokenizer_fingerprint: str, storage_options: dict[str, Any] | None = None,
+               cache_dir: str | None = None, min_tokens: int = 1) -> ShardSet:
+    """Open and check one split of a prepared data directory; every problem is a DataError."""
+    fs, root = filesystem(url, storage_options)
+    if not with_retries(lambda: fs.exists(root), f"looking for {url}"):
+        raise DataError(
+            f"data directory {url} does not exist; prepare it first: python -m gpt2.prepare CONFIG "
+            f"(or set data.dir to where your shards are)"
+        )
+    manifest = read_manifest(url, storage_options)
+    if manifest is None:
+        found = [p for p in fs.ls(root, detail=False) if p.endswith(".npy")]
+        detail = f"it has {len(found)} .npy files but no manifest" if found else "it holds no shards"
+        raise DataError(f"{url}/{MANIFEST} not found ({detail}); prepare the data with python -m gpt2.prepare")
+    if not manifest.complete:
+        raise DataError(
+            f"{url} was only partly prepared ({len(manifest.shards)} shards so far); "
+            "run python -m gpt2.prepare again to finish it (it resumes)"
+        )
+    if manifest.dtype != "uint16":
+        raise DataError(f"{url}/{MANIFEST} says dtype {manifest.dtype}; this trainer reads uint16 shards")
+    if manifest.tokenizer != tokenizer_fingerprint:
+        raise DataError(
+            f"{url} was tokenized with '{manifest.tokenizer}' but the config's tokenizer is "
+            f"'{tokenizer_fingerprint}'; set tokenizer.name to match or prepare the data again"
+        )
+    shards = ShardSet(url, split, manifest, storage_options, cache_dir)
+    if not shards.entries:
+        raise DataError(f"{url} has no {split} shards; prepare the data again")
+    shards.check_files(min_tokens)
+    return shards

@@ -1,0 +1,86 @@
+"""Storage on any fsspec URL (local paths, s3://, gs://, ...): atomic writes and retries."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (after retries)."""
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `url` and the path inside it."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as err:
+        raise StorageError(
+            f"no fsspec back-end for '{url}': {err} (for s3:// install s3fs: pip install 'gpt2[s3]')"
+        ) from None
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(path: str, *parts: str) -> str:
+    return "/".join([path.rstrip("/"), *parts])
+
+
+def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5) -> T:
+    """Run `fn`, retrying transient failures with exponential backoff; raise StorageError at the end.
+
+    FileNotFoundError and PermissionError are not transient: they are raised at once.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except Exception as err:  # network errors come in many types across back-ends
+            if attempt == retries:
+                raise StorageError(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: {err}") from err
+            delay = base_delay * 2**attempt
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """Write a file so that readers see either nothing or the complete file.
+
+    Locally: write a temporary sibling, fsync, rename. On object stores a single PUT (or a
+    completed multipart upload) is already atomic, so the object is written directly.
+    """
+    if is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        with fs.open(path, "wb") as f:
+            write(f)
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    atomic_write(fs, path, lambda f: f.write(data))
