@@ -88,6 +88,9 @@ class TrainConfig:
     micro_batch: int = 4
     seq_len: int = 1024
     max_steps: int = 19_073
+    # Stop this run (with a checkpoint) once this step is reached, keeping the schedule of
+    # max_steps; 0 = run to max_steps. For time-boxed jobs and tests.
+    stop_at_step: int = 0
     seed: int = 1337
     # auto: cuda if available, else cpu. Or cpu / cuda.
     device: str = "auto"

@@ -151,7 +151,9 @@ class GPT(nn.Module):
         `transformers.GPT2LMHeadModel.save_pretrained` writes them.
         """
         path = Path(name_or_path)
-        if not path.is_dir():
+        if not (path / "config.json").is_file():
+            if path.is_dir() and name_or_path not in PRESETS:
+                raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
             path = _download_from_hub(name_or_path)
         hf = json.loads((path / "config.json").read_text())
         act = hf.get("activation_function", "gelu_new")

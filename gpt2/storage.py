@@ -22,8 +22,12 @@ class StorageError(RuntimeError):
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for `url` and the path inside it."""
+    options = dict(storage_options or {})
+    if "://" in url and not url.startswith(("file://", "local://")):
+        # other processes (ranks, restarted jobs) write here too: never trust a cached listing
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
         raise StorageError(
             f"no fsspec back-end for '{url}': {err} (for s3:// install s3fs: pip install 'gpt2[s3]')"

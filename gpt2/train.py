@@ -326,7 +326,8 @@ class Trainer:
             self._log_step(record)
             preempted = shared[1] > 0
             last = self.step == max_steps
-            if preempted or last:
+            stop_here = self.step == cfg.train.stop_at_step
+            if preempted or last or stop_here:
                 if last:
                     self.evaluate(self.step, last=True)
                 self.checkpointer.wait(raise_errors=False)
@@ -340,6 +341,9 @@ class Trainer:
                 if preempted and not last:
                     self.main_print(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_PREEMPTED}")
                     return EXIT_PREEMPTED
+                if stop_here and not last:
+                    self.main_print(f"stopping at step {self.step} (train.stop_at_step); checkpoint saved")
+                    return EXIT_OK
             elif self.step % cfg.checkpoint.every == 0:
                 try:
                     self.checkpointer.wait(raise_errors=True)
@@ -398,6 +402,7 @@ def run(cfg: Config) -> int:
     trainer = None
     code = EXIT_ERROR
     try:
+        grad_accum_steps(cfg, dist.world_size)  # a batch that cannot be split fails before any work
         ensure_data(cfg, dist)
         trainer = Trainer(cfg, dist)
         code = trainer.run()

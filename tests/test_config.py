@@ -1,0 +1,74 @@
+"""Configs: the shipped YAML files, overrides, and clear errors before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from gpt2.config import ConfigError, grad_accum_steps, load_config, to_yaml
+
+
+def test_124m_config_holds_the_seed_hyper_parameters():
+    c = load_config("configs/gpt2-124m.yaml")
+    assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size) == (12, 12, 768, 1024)
+    assert c.train.total_batch_tokens == 491_520 and (c.train.micro_batch, c.train.seq_len) == (4, 1024)
+    assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.train.max_steps) == (6e-4, 6e-5, 715, 19_073)
+    assert c.optim.betas == [0.9, 0.96] and (c.optim.weight_decay, c.optim.eps, c.optim.grad_clip) == (0.1, 1e-8, 1.0)
+    assert (c.eval.hellaswag_every, c.eval.sample_every, c.eval.num_samples, c.eval.top_k) == (200, 50, 4, 50)
+    assert c.eval.sample_prompt == "Hello this is AI model,"
+    assert grad_accum_steps(c, world_size=8) == 15
+
+
+def test_demo_config_is_offline_and_explicit():
+    c = load_config("configs/demo.yaml")
+    assert c.tokenizer.name == "bytes" and c.data.source == "builtin:pydoc" and c.train.device == "cpu"
+
+
+def test_overrides_apply():
+    c = load_config("configs/gpt2-124m.yaml", ["train.max_steps=100", "optim.lr=3e-4", "data.shuffle=true"])
+    assert (c.train.max_steps, c.optim.lr, c.data.shuffle) == (100, 3e-4, True)
+
+
+def test_unknown_key_names_the_nearest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_step'.*did you mean 'train.max_steps'"):
+        load_config("configs/demo.yaml", ["train.max_step=5"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate' in '.*bad.yaml'"):
+        load_config(bad)
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(ConfigError, match=r"'train.max_steps'.*'abc'.*expected int"):
+        load_config("configs/demo.yaml", ["train.max_steps=abc"])
+
+
+def test_batch_not_divisible_names_all_four_numbers():
+    c = load_config("configs/demo.yaml")
+    with pytest.raises(ConfigError, match=r"total_batch_tokens \(4096\).*micro_batch \(8\).*seq_len \(128\).*world size \(3\)"):
+        grad_accum_steps(c, world_size=3)
+
+
+def test_secrets_are_redacted():
+    c = load_config("configs/demo.yaml", ["checkpoint.storage_options={key: AKIA, secret: hush}"])
+    text = to_yaml(c)
+    assert "hush" not in text and "AKIA" not in text and "***" in text
+    assert "total_batch_tokens: 4096" in text
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_step=5", "did you mean 'train.max_steps'"),
+    ("train.max_steps=abc", "expected int"),
+    ("train.micro_batch=3", "is not divisible by train.micro_batch (3) x train.seq_len (128) x world size (1)"),
+    ("tokenizer.name=bpe", "choose one of gpt2, bytes"),
+])
+def test_cli_rejects_bad_input_before_writing_anything(tmp_path, override, message):
+    out = tmp_path / "out"
+    result = run_cli(["-m", "gpt2.train", "configs/demo.yaml", f"data.dir={out}/data",
+                      f"checkpoint.dir={out}/ckpt", f"logging.dir={out}/tb", override])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not out.exists()
