@@ -50,7 +50,7 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
     base = {
         "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 32, "model.block_size": 32,
         "train.seq_len": 32, "train.micro_batch": 4, "train.total_batch_tokens": 512,
-        "train.max_steps": 8, "train.log_every": 1,
+        "train.max_steps": 8, "train.log_every": 1, "optim.warmup_steps": 2,
         "data.dir": str(tmp / "data"), "data.shard_tokens": 40000, "data.val_tokens": 20000,
         "checkpoint.dir": str(tmp / "ckpt"), "checkpoint.every": 4, "logging.dir": str(tmp / "tb"),
         "eval.val_every": 4, "eval.val_batches": 2, "eval.hellaswag_every": 0, "eval.sample_every": 0,

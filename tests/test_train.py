@@ -1,0 +1,151 @@
+"""The training loop: determinism, DDP equivalence, TensorBoard, HellaSwag, MFU, compile."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli, shared_file
+from gpt2 import hellaswag
+from gpt2.metrics import device_peak_flops, mfu
+from gpt2.model import flops_per_token
+from gpt2.tokenizer import ByteTokenizer
+from helpers.runs import losses, steps, train
+
+
+def test_loss_decreases_and_two_runs_are_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        r = train(d, extra={"train.max_steps": 12})
+        assert r.returncode == 0, r.stdout + r.stderr
+    la, lb = losses(a), losses(b)
+    assert len(la) == 12
+    assert la == lb  # bitwise: same seed, same data, CPU
+    assert la[-1] < la[0] - 0.5
+    assert (a / "ckpt" / "step-00000012" / "COMMITTED").exists()
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    r1 = train(one, extra={"train.max_steps": 6})
+    r2 = train(two, nproc=2, extra={"train.max_steps": 6})
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    s1, s2 = steps(one), steps(two)
+    assert [s2[s]["world_size"] for s in s2] == [2] * 6
+    for s in range(6):
+        assert s1[s]["batch_hash"] == s2[s]["batch_hash"]  # the same tokens
+        assert math.isclose(s1[s]["loss"], s2[s]["loss"], rel_tol=1e-5), (s, s1[s]["loss"], s2[s]["loss"])
+        assert math.isclose(s1[s]["grad_norm"], s2[s]["grad_norm"], rel_tol=1e-4)
+
+
+def test_tensorboard_has_every_tag_and_a_restart_does_not_duplicate_steps(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hs = shared_file("hellaswag_val.jsonl")
+    extra = {"train.max_steps": 8, "eval.hellaswag_every": 4, "eval.hellaswag_limit": 8,
+             "eval.hellaswag_path": str(hs), "eval.sample_every": 4, "eval.sample_tokens": 8,
+             "checkpoint.storage_options": "{secret_access_key: hush}"}
+    r = train(tmp_path, extra=extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # lose the last checkpoint, as if the job died after step 7 was logged: steps 4..7 run again
+    shutil.rmtree(tmp_path / "ckpt" / "step-00000008")
+    r = train(tmp_path, extra=extra)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalar_tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/step_time_ms",
+                "val/loss", "eval/hellaswag_acc_norm"]:
+        assert tag in scalar_tags, tag
+    assert "perf/mfu" not in scalar_tags  # CPU: MFU unknown, never a made-up peak
+    text_tags = set(acc.Tags()["tensors"])
+    assert {"samples/text_summary", "config/text_summary"} <= text_tags
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "hush" not in config_text and "***" in config_text
+    loss_steps = [e.step for e in acc.Scalars("train/loss")]
+    assert loss_steps == list(range(8))
+
+
+def test_console_line_has_the_step_metrics(tmp_path):
+    r = train(tmp_path, extra={"train.max_steps": 2})
+    line = next(l for l in r.stdout.splitlines() if l.startswith("step      1/2"))
+    for part in ("loss ", "lr ", "norm ", " ms", "tok/s", "MFU n/a"):
+        assert part in line
+    assert "MFU unknown (no known peak FLOP/s for this device)" in r.stdout
+
+
+# ---- HellaSwag --------------------------------------------------------------------------------------
+
+
+def test_hellaswag_same_counts_on_one_and_two_ranks(tmp_path):
+    path = shared_file("hellaswag_val.jsonl")
+    result = run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                      "tests/helpers/hellaswag_ranks.py", str(path), "24"], env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    two = json.loads(result.stdout.strip().splitlines()[-1])
+    from helpers.hellaswag_ranks import tiny_model
+
+    one = hellaswag.evaluate(tiny_model(), ByteTokenizer(), path, torch.device("cpu"), limit=24, max_len=128)
+    assert two == [one.total, one.correct, one.correct_norm]
+    assert one.total == 24
+
+
+class FixedDistributionModel:
+    """A 'model' whose next-token distribution is the same everywhere: known losses per byte."""
+
+    probs = {ord(" "): 0.4, ord("a"): 0.4, ord("b"): 0.01, ord("c"): 0.1}
+
+    def __call__(self, tokens):
+        p = torch.full((257,), (1 - sum(self.probs.values())) / (257 - len(self.probs)))
+        for t, v in self.probs.items():
+            p[t] = v
+        return p.log().expand(tokens.size(0), tokens.size(1), 257), None
+
+
+def test_acc_norm_of_a_model_with_known_scores(tmp_path):
+    # losses: ' ' and a 0.92, b 4.61, c 2.30 nats. Ending 0 " aaaaaaaab" has the lowest mean loss
+    # (1.28/token) and ending 1 " c" the lowest sum (3.22): acc_norm picks 0, acc picks 1.
+    path = tmp_path / "hs.jsonl"
+    labels = [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    path.write_text("".join(json.dumps({"ctx": "ctx", "endings": ["aaaaaaaab", "c", "bb", "cc"], "label": y}) + "\n"
+                            for y in labels))
+    r = hellaswag.evaluate(FixedDistributionModel(), ByteTokenizer(), path, torch.device("cpu"))
+    assert (r.total, r.correct_norm, r.correct) == (10, 7, 3)
+    assert r.acc_norm == 0.7 and r.acc == 0.3
+
+
+# ---- MFU ----------------------------------------------------------------------------------------------
+
+
+def test_mfu_formula_for_the_124m_config():
+    f = flops_per_token(124_439_808, n_layer=12, n_embd=768, seq_len=1024)
+    assert f == 6 * 124_439_808 + 6 * 12 * 768 * 1024 == 803_261_952
+    # 616k tokens/s on one H100 SXM (989.4 TFLOP/s bf16) is ~50% MFU
+    assert abs(mfu(616_000, f, 989.4e12, 1) - 0.5001) < 1e-3
+    assert abs(mfu(8 * 616_000, f, 989.4e12, 8) - 0.5001) < 1e-3
+    assert device_peak_flops(torch.device("cpu"), torch.float32) == (None, "cpu")
+    assert mfu(1000.0, f, None, 1) is None
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compile_keeps_evaluation_and_sampling_working(tmp_path):
+    hs = shared_file("hellaswag_val.jsonl")
+    r = train(tmp_path, extra={"train.compile": "true", "train.max_steps": 2, "eval.val_every": 1,
+                               "eval.hellaswag_every": 2, "eval.hellaswag_limit": 4, "eval.hellaswag_path": str(hs),
+                               "eval.sample_every": 2, "eval.sample_tokens": 4})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 2: HellaSwag acc_norm" in r.stdout and "step 2 sample 3:" in r.stdout
+    assert "step 2: val loss" in r.stdout
+
