@@ -45,9 +45,25 @@ def init(device_preference: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(minutes=30)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(world, timeout),
+                                rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)
+
+
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """A key space of this restart attempt in torchrun's shared TCP store, or None for env://.
+
+    torchrun (torch 2.13) shares one TCPStore across restarts; without a per-attempt prefix a
+    restarted worker reads its dead peers' addresses and process-group set-up fails. The launchers
+    set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round, also right for
+    multi-node membership changes); this prefix covers plain single-node torchrun.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(*objects_to_drop: object) -> None:

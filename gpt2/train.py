@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -80,8 +81,11 @@ class PreemptionFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is None:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+        if self.signum is not None:
+            # a second signal means "now": we may be stuck in a collective with a dead peer
+            print(f"received {signal.Signals(signum).name} again: exiting at once", flush=True)
+            os._exit(128 + signum)
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
         self.signum = signum
 
     def restore(self) -> None:
@@ -412,6 +416,14 @@ def run(cfg: Config) -> int:
     except (DataError, TokenizerError, CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_ERROR
+    except Exception:
+        if dist.world_size > 1:
+            # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
+            # any further collective or DDP destructor could hang, so leave without tearing down.
+            traceback.print_exc()
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(EXIT_ERROR)
+        raise
     finally:
         if trainer is not None:
             trainer.close()

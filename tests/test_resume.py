@@ -1,0 +1,222 @@
+"""Checkpoints and resume, proven by killing real processes (CPU, gloo)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, load_state
+from gpt2.config import CheckpointConfig
+from gpt2.train import EXIT_PREEMPTED
+from helpers.runs import popen_train, steps, train
+
+BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 24,
+          "checkpoint.every": 3}
+
+
+def wait_for_step(tmp: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if steps(tmp) and max(steps(tmp)) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early ({proc.returncode}): {(tmp / 'train.log').read_text()[-3000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached: {(tmp / 'train.log').read_text()[-3000:]}")
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_sigkill_of_a_worker_under_torchrun_resumes_bitwise(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    r = train(ref, nproc=2, extra=BIGGER)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    kill_at = random.Random().randint(4, 16)
+    proc = popen_train(run, nproc=2, extra=BIGGER, max_restarts=2)
+    wait_for_step(run, kill_at, proc)
+    victim = random.choice(worker_pids(proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, (run / "train.log").read_text()[-4000:]
+    log = (run / "train.log").read_text()
+    assert "resumed from" in log, log[-3000:]
+    got, want = steps(run), steps(ref)
+    assert sorted(got) == sorted(want) == list(range(24))
+    assert [got[s]["loss"] for s in range(24)] == [want[s]["loss"] for s in range(24)], f"killed at {kill_at}"
+
+
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    # a model large enough (60M parameters, 700 MB of state) that writing a checkpoint takes a while
+    big = {"model.n_layer": 4, "model.n_embd": 1024, "model.n_head": 8, "train.max_steps": 6,
+           "checkpoint.every": 2, "eval.val_every": 0}
+    proc = popen_train(tmp_path, extra=big)
+    ckpt = tmp_path / "ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        partial = [d for d in ckpt.glob("step-*") if d.name != "step-00000002" and not (d / MARKER).exists()]
+        if (ckpt / "step-00000002" / MARKER).exists() and partial and any(partial[0].iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_in = partial[0].name
+    assert not (ckpt / killed_in / MARKER).exists()
+
+    found = Checkpointer(CheckpointConfig(dir=str(ckpt))).complete()
+    assert [c.step for c in found] == [2]
+    r = train(tmp_path, extra=big)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ckpt}/step-00000002 at step 2" in r.stdout
+    assert sorted(d.name for d in ckpt.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+def test_world_size_2_then_1_then_2_reads_the_same_tokens(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    extra = dict(BIGGER, **{"train.max_steps": 12})
+    r = train(ref, nproc=2, extra=extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for nproc, stop in ((2, 4), (1, 8), (2, 0)):
+        r = train(run, nproc=nproc, extra=dict(extra, **{"train.stop_at_step": stop}))
+        assert r.returncode == 0, r.stdout + r.stderr
+    got, want = steps(run), steps(ref)
+    assert [got[s]["world_size"] for s in range(12)] == [2] * 4 + [1] * 4 + [2] * 4
+    assert [got[s]["batch_hash"] for s in range(12)] == [want[s]["batch_hash"] for s in range(12)]
+    for s in range(12):
+        assert math.isclose(got[s]["loss"], want[s]["loss"], rel_tol=1e-4), (s, got[s]["loss"], want[s]["loss"])
+
+
+def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
+    extra = dict(BIGGER, **{"train.max_steps": 10_000, "checkpoint.every": 10_000})
+    proc = popen_train(tmp_path, extra=extra)
+    wait_for_step(tmp_path, 3, proc)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == EXIT_PREEMPTED
+    assert time.time() - t0 < 10
+    found = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt"))).complete()
+    assert len(found) == 1 and found[0].step == max(steps(tmp_path)) + 1
+    r = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": found[0].step + 2}))
+    assert r.returncode == 0 and f"at step {found[0].step}" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.s3
+def test_save_and_resume_on_s3_match_a_local_run_bitwise(tmp_path, s3_url):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    extra = dict(BIGGER, **{"train.max_steps": 8, "checkpoint.every": 2})
+    assert train(ref, extra=extra).returncode == 0
+    s3 = dict(extra, **{"checkpoint.dir": f"{s3_url}/ckpt"})
+    r = train(run, extra=dict(s3, **{"train.stop_at_step": 5}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = train(run, extra=s3)
+    assert r.returncode == 0 and f"resumed from {s3_url}/ckpt/step-00000005" in r.stdout, r.stdout + r.stderr
+    assert [steps(run)[s]["loss"] for s in range(8)] == [steps(ref)[s]["loss"] for s in range(8)]
+    listing = run_cli(["-m", "gpt2.checkpoint", "list", f"{s3_url}/ckpt"])
+    assert "step 6" in listing.stdout and "step 8" in listing.stdout, listing.stdout + listing.stderr
+
+
+@pytest.mark.s3
+def test_s3_outage_during_a_save_is_retried(tmp_path, s3_server, s3_url):
+    ckpt = Checkpointer(CheckpointConfig(dir=f"{s3_url}/outage", keep=2, retries=6,
+                                         storage_options=s3_server.storage_options))
+    state = {"model": {"w": torch.randn(256, 256)}, "step": 1}
+    s3_server.stop()
+    t0 = time.time()
+    ckpt.save(state, 1, {"config": {}}, blocking=False)  # the write starts while the server is down
+    time.sleep(2.0)
+    s3_server.start()
+    ckpt.wait(raise_errors=True)
+    assert time.time() - t0 > 2.0
+    assert [c.step for c in ckpt.complete()] == [1]
+    assert torch.equal(ckpt.load(ckpt.complete()[0].url)["model"]["w"], state["model"]["w"])
+
+
+# ---- the Checkpointer itself -------------------------------------------------------------------------
+
+
+def small_state(step):
+    torch.manual_seed(step)
+    return {"model": {"w": torch.randn(8, 8)}, "step": step, "rng": {"cpu": torch.get_rng_state()}}
+
+
+def test_keep_last_k_and_partial_saves_are_cleaned_up(tmp_path):
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep=2))
+    (tmp_path / "step-00000003").mkdir()
+    (tmp_path / "step-00000003" / STATE_FILE).write_bytes(b"half a checkpoint")  # a crashed save
+    for step in (1, 2, 4, 5):
+        ck.save(small_state(step), step, {"config": {}}, blocking=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_async_save_matches_sync_save(tmp_path):
+    a = Checkpointer(CheckpointConfig(dir=str(tmp_path / "a")))
+    b = Checkpointer(CheckpointConfig(dir=str(tmp_path / "b")))
+    state = small_state(7)
+    a.save(state, 7, {"config": {}}, blocking=True)
+    b.save(state, 7, {"config": {}}, blocking=False)
+    state["model"]["w"].zero_()  # training goes on: the async save must have taken a copy
+    b.wait()
+    la, lb = load_state(str(tmp_path / "a" / "step-00000007")), load_state(str(tmp_path / "b" / "step-00000007"))
+    assert torch.equal(la["model"]["w"], lb["model"]["w"]) and la["model"]["w"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "no-marker"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep=3))
+    for step in (1, 2):
+        ck.save(small_state(step), step, {"config": {}}, blocking=True)
+    state_file = tmp_path / "step-00000002" / STATE_FILE
+    data = bytearray(state_file.read_bytes())
+    if damage == "corrupt":
+        data[len(data) // 2] ^= 0xFF
+        state_file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        state_file.write_bytes(bytes(data[:100]))
+    else:
+        (tmp_path / "step-00000002" / MARKER).unlink()
+    with caplog.at_level(logging.WARNING):
+        url, state = ck.load_for_resume()
+    assert url.endswith("step-00000001") and state["step"] == 1
+    if damage != "no-marker":
+        assert "skipping corrupt checkpoint" in caplog.text and "step-00000002" in caplog.text
+    with pytest.raises(CheckpointError):
+        load_state(str(tmp_path / "step-00000002"))
+
+
+def test_checkpoint_cli_list_inspect_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    r = train(tmp_path, extra={"train.max_steps": 4, "checkpoint.every": 2})
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / "ckpt"
+    out = run_cli(["-m", "gpt2.checkpoint", "list", str(ckpt)]).stdout
+    assert "step-00000002  step 2  tokens 1,024  world 1" in out and "step-00000004" in out
+    out = run_cli(["-m", "gpt2.checkpoint", "inspect", str(ckpt)]).stdout
+    assert "step: 4" in out and "tokens_seen: 2048" in out and '"n_embd": 32' in out
+    r = run_cli(["-m", "gpt2.checkpoint", "export", str(ckpt), str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr
+    from gpt2.checkpoint import load_model
+
+    ours, _ = load_model(str(ckpt))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 257, (1, 16))
+    with torch.no_grad():
+        assert (ours.eval()(x)[0] - hf(x).logits).abs().max() <= 1e-5
+    bad = run_cli(["-m", "gpt2.checkpoint", "inspect", str(tmp_path / "nothing")])
+    assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
