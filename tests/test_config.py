@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
+
 from gpt2.config import ConfigError, grad_accum_steps, load_config, to_yaml
 
 
@@ -48,7 +48,8 @@ def test_wrong_type_names_key_value_and_type():
 
 def test_batch_not_divisible_names_all_four_numbers():
     c = load_config("configs/demo.yaml")
-    with pytest.raises(ConfigError, match=r"total_batch_tokens \(4096\).*micro_batch \(8\).*seq_len \(128\).*world size \(3\)"):
+    numbers = r"total_batch_tokens \(4096\).*micro_batch \(8\).*seq_len \(128\).*world size \(3\)"
+    with pytest.raises(ConfigError, match=numbers):
         grad_accum_steps(c, world_size=3)
 
 

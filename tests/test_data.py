@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import shared_file
+
 from gpt2.config import load_config
 from gpt2.data import Layout, TrainLoader, ValLoader, build_loaders
 from gpt2.prepare import prepare
@@ -137,7 +137,8 @@ def test_union_of_ranks_equals_one_rank(prepared, bpe_dir, shuffle):
     for world in (1, 2, 4):
         layout = Layout(micro_batch=2, seq_len=64, total_batch_tokens=64 * 16, world_size=world)
         for step in (0, 3, 250):  # 250 wraps into a later epoch
-            assert np.array_equal(global_rows(shards, layout, step, shuffle), global_rows(shards, single, step, shuffle))
+            want = global_rows(shards, single, step, shuffle)
+            assert np.array_equal(global_rows(shards, layout, step, shuffle), want)
 
 
 def test_resume_at_any_world_size_reads_what_an_uninterrupted_run_reads(prepared, bpe_dir):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+from helpers.runs import popen_train, steps, train
+
 from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, load_state
 from gpt2.config import CheckpointConfig
 from gpt2.train import EXIT_PREEMPTED
-from helpers.runs import popen_train, steps, train
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 24,
           "checkpoint.every": 3}

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli, shared_file
+from helpers.runs import losses, steps, train
+
 from gpt2 import hellaswag
 from gpt2.metrics import device_peak_flops, mfu
 from gpt2.model import flops_per_token
 from gpt2.tokenizer import ByteTokenizer
-from helpers.runs import losses, steps, train
 
 
 def test_loss_decreases_and_two_runs_are_identical(tmp_path):
