@@ -1,0 +1,95 @@
+"""What every launcher shares: the torchrun command, its environment, and input checks."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from gpt2.config import Config, ConfigError, grad_accum_steps, load_config
+
+# Environment for torchrun and the trainer, the same on SLURM, Kubernetes and in the image.
+TRAINER_ENV: dict[str, str] = {
+    # a fresh rendezvous TCP store per round, so restarted workers never read dead peers' keys
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    # torchrun forwards these to the workers; SIGUSR2 is SLURM's preemption/time-limit warning
+    "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
+    "PYTHONUNBUFFERED": "1",
+}
+
+RDZV_PORT = 29400
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[\w][\w.-]{0,127}|@sha256:[a-f0-9]{64})$")
+
+
+class LaunchError(ValueError):
+    """Bad launcher input; the message says what to change. Nothing has been submitted."""
+
+
+def load_trainer_config(config_path: str, overrides: list[str]) -> Config:
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as err:
+        raise LaunchError(f"config error: {err}") from None
+
+
+def fit_micro_batch(cfg: Config, overrides: list[str], world_sizes: list[int]) -> list[str]:
+    """Overrides that keep the global batch exact at every world size in `world_sizes`.
+
+    If the config's micro-batch does not divide the batch at some world size (2 x 8 GPUs with the
+    seed's 4 x 1024 and 491,520 tokens), and the user did not set train.micro_batch, add the largest
+    micro-batch that works everywhere as a visible override. An explicit choice is checked as given.
+    """
+    if any(o.startswith("train.micro_batch=") for o in overrides):
+        return overrides
+    t = cfg.train
+    for mb in range(t.micro_batch, 0, -1):
+        if all(t.total_batch_tokens % (mb * t.seq_len * w) == 0 for w in world_sizes):
+            if mb != t.micro_batch:
+                print(f"note: train.micro_batch={mb} (not {t.micro_batch}) keeps train.total_batch_tokens="
+                      f"{t.total_batch_tokens} exact at world size(s) {world_sizes}", file=sys.stderr)
+                cfg.train.micro_batch = mb
+                return [f"train.micro_batch={mb}", *overrides]
+            return overrides
+    return overrides
+
+
+def check_world(cfg: Config, nodes: int, procs_per_node: int, what: str = "") -> None:
+    """The global batch must split evenly over every world size the job may run at."""
+    try:
+        grad_accum_steps(cfg, nodes * procs_per_node)
+    except ConfigError as err:
+        raise LaunchError(f"{what}{nodes} node(s) x {procs_per_node} process(es) cannot keep the global batch: {err}"
+                          ) from None
+
+
+def check_image(image: str) -> None:
+    name = image.split("@")[0].rsplit("/", 1)[-1]
+    if "@sha256:" not in image and ":" not in name:
+        raise LaunchError(f"image '{image}' has no tag or digest; pin one (e.g. {image}:0.1.0 or {image}@sha256:...)")
+    if not _IMAGE.match(image):
+        raise LaunchError(f"'{image}' is not a valid image reference")
+
+
+def torchrun_command(config_path: str, overrides: list[str], *, nproc_per_node: int | str | None,
+                     nnodes: str | None = None, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+                     max_restarts: int | None = None) -> list[str]:
+    """`torchrun ... -m gpt2.train CONFIG overrides`; arguments left None come from torchrun's PET_* env."""
+    cmd = ["torchrun"]
+    if nnodes is not None:
+        cmd.append(f"--nnodes={nnodes}")
+    if nproc_per_node is not None:
+        cmd.append(f"--nproc-per-node={nproc_per_node}")
+    if rdzv_endpoint is not None:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    if rdzv_id is not None:
+        cmd.append(f"--rdzv-id={rdzv_id}")
+    if max_restarts is not None:
+        cmd.append(f"--max-restarts={max_restarts}")
+    return [*cmd, "-m", "gpt2.train", config_path, *overrides]
+
+
+def split_overrides(args: list[str]) -> list[str]:
+    """Trainer overrides are passed through unchanged; they must look like key=value."""
+    for a in args:
+        if "=" not in a or a.startswith("-"):
+            raise LaunchError(f"unexpected argument '{a}': trainer overrides are key=value (e.g. train.max_steps=100)")
+    return list(args)
