@@ -26,7 +26,8 @@ from gpt2.launch.common import LaunchError
 
 @pytest.fixture
 def schemas():
-    return str(shared_file("kubeflow.org_pytorchjobs.v1.9.4.yaml")), str(shared_file("kubernetes_swagger_release-1.36.json"))
+    crd = shared_file("kubeflow.org_pytorchjobs.v1.9.4.yaml")
+    return str(crd), str(shared_file("kubernetes_swagger_release-1.36.json"))
 
 
 def load_docs(path: Path) -> list[dict]:
@@ -127,7 +128,8 @@ def test_overrides_and_options_flow_into_the_job():
     job = m["pytorchjob.yaml"][0]
     args = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["optim.lr=3e-4", "train.max_steps=100"]
-    assert "checkpoint.dir=s3://bucket/run/exp1/checkpoints" in args and "data.dir=s3://bucket/run/data/edu_fineweb10B" in args
+    assert "checkpoint.dir=s3://bucket/run/exp1/checkpoints" in args
+    assert "data.dir=s3://bucket/run/data/edu_fineweb10B" in args
     assert job["metadata"] == {"name": "exp1", "namespace": "ml", "labels": {"app.kubernetes.io/part-of": "gpt2"}}
     assert job["spec"]["elasticPolicy"]["minReplicas"] == 2 and job["spec"]["nprocPerNode"] == "4"
 
@@ -229,7 +231,8 @@ def test_api_error_on_the_job_rolls_back_the_companions(api, status):
         k8s.create(k8s.render(k8s.Options(namespace="ml")), api.client, "ml")
     assert f"creating PyTorchJob ml/gpt2-124m failed: {status}" in str(err.value)
     assert f'"gpt2-124m" is {status}' in str(err.value)
-    assert "rolled back: Service/gpt2-tensorboard, Deployment/gpt2-tensorboard, PersistentVolumeClaim/gpt2-runs" in str(err.value)
+    rolled = "rolled back: Service/gpt2-tensorboard, Deployment/gpt2-tensorboard, PersistentVolumeClaim/gpt2-runs"
+    assert rolled in str(err.value)
     deletes = [path for method, path, _ in api.requests if method == "DELETE"]
     assert deletes == ["/api/v1/namespaces/ml/services/gpt2-tensorboard",
                        "/apis/apps/v1/namespaces/ml/deployments/gpt2-tensorboard",
