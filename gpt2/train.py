@@ -81,11 +81,10 @@ class PreemptionFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:
-            # a second signal means "now": we may be stuck in a collective with a dead peer
-            print(f"received {signal.Signals(signum).name} again: exiting at once", flush=True)
-            os._exit(128 + signum)
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+        # Repeats are expected (SLURM signals every process of a step, torchrun forwards the same
+        # signal again); a worker that never gets to save is SIGKILLed by torchrun after 30 s.
+        if self.signum is None:
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
         self.signum = signum
 
     def restore(self) -> None:

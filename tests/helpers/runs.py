@@ -34,9 +34,9 @@ def popen_train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restar
                             start_new_session=True)
 
 
-def steps(tmp: Path) -> dict[int, dict]:
+def steps(tmp: Path, log_dir: Path | None = None) -> dict[int, dict]:
     """The last record of each step in steps.jsonl (a restart may log a step twice)."""
-    path = tmp / "tb" / "steps.jsonl"
+    path = (log_dir or tmp / "tb") / "steps.jsonl"
     records: dict[int, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():

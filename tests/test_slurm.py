@@ -1,0 +1,149 @@
+"""SLURM: the submitit launcher and slurm/train.sbatch on a real two-node SLURM cluster (loopback)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, REPO, run_cli, tiny_overrides
+from helpers.runs import steps
+
+pytestmark = pytest.mark.slurm
+
+SLOW = {"model.n_layer": 2, "model.n_embd": 128, "model.n_head": 4, "train.max_steps": 30,
+        "checkpoint.every": 5, "model.block_size": 64, "train.seq_len": 64, "train.total_batch_tokens": 1024}
+
+
+def cluster_up() -> bool:
+    return shutil.which("scontrol") is not None and subprocess.run(
+        ["scontrol", "ping"], capture_output=True).returncode == 0 and "idle" in subprocess.run(
+        ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not cluster_up() and os.geteuid() == 0:
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "up"], capture_output=True, timeout=600)
+    if not cluster_up():
+        msg = "no SLURM cluster (scripts/slurm-cluster.sh up starts one, as root)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def overrides(tmp: Path, **extra) -> list[str]:
+    return [o for o in tiny_overrides(tmp, **extra) if not o.startswith(("checkpoint.dir=", "logging.dir="))]
+
+
+def launch(tmp: Path, *args: str, extra: dict | None = None, follow: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["launch/slurm.py", "--nodes", "2", "--gpus", "0", "--config", "configs/demo.yaml", "--time", "00:20:00",
+           "--run-dir", str(tmp / "runs"), "--name", "tiny", "--cpus-per-gpu", "1", *args]
+    if follow:
+        cmd.append("--follow")
+    return run_cli([*cmd, *overrides(tmp, **(extra or {}))], env={"TMPDIR": str(tmp)})
+
+
+def run_steps(tmp: Path) -> dict[int, dict]:
+    return steps(tmp, tmp / "runs" / "tiny" / "tensorboard")  # logging.dir = <run dir>/<name>/tensorboard
+
+
+def wait_job(job_id: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-X", "-n", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
+        state = out.split()[0] if out.split() else "PENDING"
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory):
+    """An uninterrupted 2-node run through the launcher."""
+    tmp = tmp_path_factory.mktemp("slurm-ref")
+    r = launch(tmp, extra=SLOW)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    return tmp, r
+
+
+def test_two_nodes_form_one_process_group_and_finish(reference):
+    tmp, r = reference
+    assert "submitted job" in r.stdout and "ended: COMPLETED" in r.stdout
+    s = run_steps(tmp)
+    assert sorted(s) == list(range(30)) and {rec["world_size"] for rec in s.values()} == {2}
+    run_dir = tmp / "runs" / "tiny"
+    assert (run_dir / "checkpoints" / "step-00000030" / "COMMITTED").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "submitit").glob("*/*_0_log.out"))
+    assert "gpt2n1" in r.stdout and "--nnodes=2" in r.stdout
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(reference, tmp_path):
+    r = launch(tmp_path, extra=SLOW, follow=False)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.split("submitted job ")[1].split()[0]
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run_steps(tmp_path) and max(run_steps(tmp_path)) >= 8):
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    state = wait_job(job_id, timeout=400)
+    log = "\n".join(p.read_text() for p in (tmp_path / "runs" / "tiny" / "submitit").glob("*/*_log.*"))
+    assert state == "COMPLETED", log[-5000:]
+    assert "received SIGUSR2: saving a checkpoint" in log and "resumed from" in log, log[-5000:]
+    restarts = subprocess.run(["sacct", "-X", "-n", "-D", "-j", job_id, "-o", "State"], capture_output=True,
+                              text=True).stdout.split()
+    assert "REQUEUED" in restarts or "PREEMPTED" in restarts or len(restarts) > 1, restarts
+    ref, got = run_steps(reference[0]), run_steps(tmp_path)
+    assert [got[s]["loss"] for s in range(30)] == [ref[s]["loss"] for s in range(30)]
+
+
+def test_plain_sbatch_script_runs_the_same_command_and_run(reference, tmp_path):
+    env = dict(os.environ, GPUS="0", CONFIG="configs/demo.yaml", RUN_DIR=str(tmp_path / "runs"),
+               PYTHON=str(Path(os.sys.executable)), TMPDIR=str(tmp_path))
+    out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--job-name=tiny", f"--output={tmp_path}/job-%j.out",
+                          "slurm/train.sbatch", *overrides(tmp_path, **SLOW)],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip().split(";")[0]
+    state = wait_job(job_id)
+    log = (tmp_path / f"job-{job_id}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    sbatch_cmd = log.split(f"[gpt2] job {job_id} (requeue 0) on gpt2n[1-2]: ")[1].splitlines()[0]
+    # the launcher's command for the same job, as the submitit task would run it
+    launcher = run_cli(["-m", "gpt2.launch.slurm", "--print-torchrun", "--nodes", "2", "--gpus", "0", "--config",
+                        "configs/demo.yaml", "--run-dir", str(tmp_path / "runs"), "--name", "tiny",
+                        *overrides(tmp_path, **SLOW)], env={"MASTER_HOST": "gpt2n1", "SLURM_JOB_ID": job_id})
+    assert shlex.split(sbatch_cmd) == shlex.split(launcher.stdout.strip())
+    ref, got = run_steps(reference[0]), run_steps(tmp_path)
+    assert [got[s]["loss"] for s in range(30)] == [ref[s]["loss"] for s in range(30)]
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--partition", "nosuch"], {}, "partition 'nosuch' does not exist; partitions: debug"),
+    (["--gpus", "4"], {}, "--gpus 4 is more than the nodes of the default partition have (0 GPUs per node)"),
+    (["--nodes", "4"], {}, "--nodes 4 is more than the cluster has (2)"),
+    (["train.max_step=3"], {}, "did you mean 'train.max_steps'"),
+    ([], {"PATH": "/nonexistent"}, "sbatch is not on PATH"),
+])
+def test_bad_input_is_refused_before_submitting(slurm, tmp_path, args, env, message):
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    nodes = [] if "--nodes" in args else ["--nodes", "2"]
+    cmd = ["launch/slurm.py", *nodes, "--gpus", "0", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path), *args]
+    r = run_cli(cmd, env=env)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "demo").exists()
+
+
+def test_dry_run_prints_the_script_and_command(tmp_path):
+    r = run_cli(["launch/slurm.py", "--nodes", "2", "--gpus", "8", "--dry-run", "--partition", "gpu",
+                 "--run-dir", str(tmp_path), "train.max_steps=10"], env={"PATH": "/nonexistent"})
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
+    assert "#SBATCH --signal=USR2@120" in r.stdout and "#SBATCH --partition=gpu" in r.stdout
+    assert "--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d" in r.stdout and "train.max_steps=10" in r.stdout
