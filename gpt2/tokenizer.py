@@ -149,3 +149,42 @@ def get_tokenizer(name: str = "gpt2", files_dir: str | None = None) -> Tokenizer
     if name == "bytes":
         return ByteTokenizer()
     raise TokenizerError(f"unknown tokenizer '{name}'; choose gpt2 or bytes")
+
+
+# ---- baking the BPE files into an image --------------------------------------------------------------
+
+GPT2_FILE_URLS = {
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+}
+
+
+def bake(cache_dir: str | os.PathLike, files_dir: str | os.PathLike | None = None) -> None:
+    """Put the GPT-2 BPE files where tiktoken looks first ($TIKTOKEN_CACHE_DIR, named by the sha1
+    of their URLs), so `tiktoken.get_encoding("gpt2")` works with no network.
+
+    From `files_dir` (checked against the known hashes), or downloaded when it is None.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, url in GPT2_FILE_URLS.items():
+        target = cache / hashlib.sha1(url.encode()).hexdigest()
+        if files_dir is not None:
+            _encoding_from_files(Path(files_dir))  # raises TokenizerError on a wrong file
+            target.write_bytes(find_bpe_file(files_dir, name).read_bytes())
+        else:
+            import urllib.request
+
+            data = urllib.request.urlopen(url, timeout=60).read()
+            if hashlib.sha256(data).hexdigest() != GPT2_FILE_HASHES[name]:
+                raise TokenizerError(f"downloaded {url} does not have the expected sha256")
+            target.write_bytes(data)
+
+
+if __name__ == "__main__":  # python -m gpt2.tokenizer bake CACHE_DIR [FILES_DIR]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "bake":
+        raise SystemExit("usage: python -m gpt2.tokenizer bake TIKTOKEN_CACHE_DIR [DIR_WITH_encoder.json_vocab.bpe]")
+    bake(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    print(f"GPT-2 BPE files baked into {sys.argv[2]}")

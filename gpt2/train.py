@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,9 @@ class Trainer:
         self.step_log = StepLog(cfg.logging.dir if dist.is_main else None)
         self.preemption = PreemptionFlag()
         self._hellaswag_path = None
+        self.data_seconds = 0.0  # host time spent reading and copying batches in the last step
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="gpt2-data")
+        self._prefetched: tuple[tuple[int, int], Future] | None = None
         self.main_print(
             f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 6*L*C*T); "
             f"world size {dist.world_size}, {self.accum} micro-steps of {cfg.train.micro_batch} x "
@@ -261,6 +265,17 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
 
+    def _rows(self, step: int, micro: int) -> np.ndarray:
+        """This micro-batch's rows, read ahead in a thread while the previous one computes."""
+        key = (step, micro)
+        if self._prefetched is not None and self._prefetched[0] == key:
+            rows = self._prefetched[1].result()
+        else:
+            rows = self.train_loader.rows(step, micro)
+        upcoming = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self._prefetched = (upcoming, self._reader.submit(self.train_loader.rows, *upcoming))
+        return rows
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step; returns (loss summed over micro-steps on this rank, grad norm, batch hash)."""
         lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
@@ -270,10 +285,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         batch_hash = 0
         layout = self.train_loader.layout
+        self.data_seconds = 0.0
         for micro in range(self.accum):
-            rows = self.train_loader.rows(step, micro)
+            t0 = time.perf_counter()
+            rows = self._rows(step, micro)
             batch_hash += row_hash(rows, layout.first_row(0, micro, self.dist.rank))
-            x, y = to_device(rows, self.device)
+            x, y = to_device(rows, self.device)  # pinned + non-blocking on CUDA
+            self.data_seconds += time.perf_counter() - t0
             last = micro == self.accum - 1
             # gradients are all-reduced only on the last micro-step (forward and backward both)
             sync = self.model.no_sync() if isinstance(self.model, DDP) and not last else nullcontext()
@@ -376,6 +394,7 @@ class Trainer:
                   flush=True)
 
     def close(self) -> None:
+        self._reader.shutdown(wait=True, cancel_futures=True)
         self.checkpointer.wait(raise_errors=False)
 
 
