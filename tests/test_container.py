@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import IN_CI, REPO
 
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
