@@ -70,8 +70,9 @@ def ours(corpus: Path, out: Path, workers: int, files_dir: str, kind: str) -> in
     from gpt2.config import load_config
     from gpt2.prepare import prepare
 
-    cfg = load_config(REPO / "configs" / "gpt2-124m.yaml", [f"data.source={corpus}", f"data.dir={out}",
-                                                            f"tokenizer.files_dir={files_dir}", "data.val_tokens=1000000"])
+    overrides = [f"data.source={corpus}", f"data.dir={out}", f"tokenizer.files_dir={files_dir}",
+                 "data.val_tokens=1000000"]
+    cfg = load_config(REPO / "configs" / "gpt2-124m.yaml", overrides)
     return prepare(cfg, workers=workers, executor_kind=kind, progress=False).tokens
 
 

@@ -10,10 +10,10 @@ document position where it ends, so a killed run resumes after its last finished
 from __future__ import annotations
 
 import glob
-from array import array
 import json
 import sys
 import time
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
