@@ -149,3 +149,14 @@ def test_compile_keeps_evaluation_and_sampling_working(tmp_path):
     assert "step 2: HellaSwag acc_norm" in r.stdout and "step 2 sample 3:" in r.stdout
     assert "step 2: val loss" in r.stdout
 
+
+
+def test_bench_times_the_real_training_step_on_cpu():
+    r = run_cli(["-m", "gpt2.bench", "configs/demo.yaml", "--steps", "3", "--warmup", "1", "--json",
+                 "--synthetic-data", "model.n_layer=2", "train.total_batch_tokens=2048"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["tokens_per_sec"] > 0 and result["mfu"] is None and result["peak_flops"] is None
+    assert result["grad_accum"] == 2 and result["steps"] == 3 and result["data_ms_median"] >= 0
+    assert result["step_ms_min"] <= result["step_ms_median"] <= result["step_ms_max"]
+    assert result["peak_memory_gib"] > 0
