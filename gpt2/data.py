@@ -20,7 +20,7 @@ import torch
 
 from gpt2.config import Config, grad_accum_steps
 from gpt2.shards import DataError, ShardSet, open_split
-from gpt2.tokenizer import get_tokenizer
+from gpt2.tokenizer import tokenizer_class
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,9 @@ def to_device(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tenso
 def build_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader | None]:
     """Open and check the data for `cfg` (every problem a DataError before training starts)."""
     grad_accum_steps(cfg, world_size)  # raises ConfigError if the batch cannot be split
-    tok = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
     t = cfg.train
-    common = dict(tokenizer_fingerprint=tok.fingerprint, storage_options=cfg.data.storage_options,
-                  cache_dir=cfg.data.cache_dir, min_tokens=t.seq_len + 1)
+    common = dict(tokenizer_fingerprint=tokenizer_class(cfg.tokenizer.name).fingerprint,
+                  storage_options=cfg.data.storage_options, cache_dir=cfg.data.cache_dir, min_tokens=t.seq_len + 1)
     train = open_split(cfg.data.dir, "train", **common)  # type: ignore[arg-type]
     layout = Layout(t.micro_batch, t.seq_len, t.total_batch_tokens, world_size)
     loader = TrainLoader(train, layout, rank, seed=t.seed, shuffle=cfg.data.shuffle)

@@ -142,13 +142,18 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def tokenizer_class(name: str) -> type[GPT2Tokenizer] | type[ByteTokenizer]:
+    """The class a config's `tokenizer.name` means; its `fingerprint` and `n_vocab` need no files."""
+    classes = {"gpt2": GPT2Tokenizer, "bytes": ByteTokenizer}
+    if name not in classes:
+        raise TokenizerError(f"unknown tokenizer '{name}'; choose gpt2 or bytes")
+    return classes[name]
+
+
 def get_tokenizer(name: str = "gpt2", files_dir: str | None = None) -> Tokenizer:
     """The tokenizer a config names: `gpt2` or `bytes`."""
-    if name == "gpt2":
-        return GPT2Tokenizer(files_dir)
-    if name == "bytes":
-        return ByteTokenizer()
-    raise TokenizerError(f"unknown tokenizer '{name}'; choose gpt2 or bytes")
+    cls = tokenizer_class(name)
+    return cls(files_dir) if cls is GPT2Tokenizer else cls()
 
 
 # ---- baking the BPE files into an image --------------------------------------------------------------

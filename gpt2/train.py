@@ -36,7 +36,7 @@ from gpt2.optim import build_optimizer, lr_at
 from gpt2.sample import sample_texts
 from gpt2.shards import DataError, read_manifest
 from gpt2.storage import StorageError
-from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer
+from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer, tokenizer_class
 
 log = logging.getLogger("gpt2.train")
 
@@ -139,10 +139,13 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.accum = grad_accum_steps(cfg, dist.world_size)
-        self.tokenizer: Tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
-        if self.tokenizer.n_vocab > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer '{self.tokenizer.name}' has {self.tokenizer.n_vocab} ids but "
+        n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
+        if n_vocab > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but "
                               f"model.vocab_size is {cfg.model.vocab_size}")
+        self._tokenizer: Tokenizer | None = None
+        if cfg.eval.sample_every or cfg.eval.hellaswag_every:
+            self._tokenizer = self.tokenizer  # missing tokenizer files fail now, not at the first sample
         self.train_loader, self.val_loader = build_loaders(cfg, dist.rank, dist.world_size)
 
         torch.manual_seed(cfg.train.seed)
@@ -179,6 +182,12 @@ class Trainer:
         )
 
     # ---- helpers --------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.cfg.tokenizer.name, self.cfg.tokenizer.files_dir)
+        return self._tokenizer
 
     def main_print(self, *args: Any) -> None:
         if self.dist.is_main:
