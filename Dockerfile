@@ -29,7 +29,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 # Dependencies first (cache-friendly); torch is already in the base and is not reinstalled.
 COPY --from=build /wheels /wheels
-RUN python3 -m pip install --no-cache-dir "$(ls /wheels/gpt2-*.whl)[s3]" \
+COPY docker/constraints.txt /wheels/constraints.txt
+RUN python3 -m pip install --no-cache-dir -c /wheels/constraints.txt "$(ls /wheels/gpt2-*.whl)[s3]" \
     && python3 -c "import torch, gpt2.train; print('torch', torch.__version__)" \
     && rm -rf /wheels
 

@@ -99,6 +99,8 @@ class TrainConfig:
     device: str = "auto"
     # auto: bfloat16 autocast on CUDA, float32 on CPU. Or float32 / bfloat16.
     dtype: str = "auto"
+    # TF32 tensor cores for the fp32 matmuls that remain under bf16 autocast (CUDA only).
+    tf32: bool = True
     compile: bool = False
     compile_mode: str | None = None
     log_every: int = 1

@@ -136,8 +136,8 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and self.dtype == torch.bfloat16 else nullcontext())
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         self.accum = grad_accum_steps(cfg, dist.world_size)
         n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
         if n_vocab > cfg.model.vocab_size:
