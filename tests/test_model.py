@@ -122,3 +122,15 @@ def test_generation_never_emits_padded_ids_and_stops_at_context_length():
                    generator=torch.Generator().manual_seed(0))
     assert out.shape == (8, 24)  # block_size: no sliding past the context
     assert int(out.max()) < 50
+
+
+def test_sample_command_on_a_hugging_face_directory(tmp_path, bpe_dir):
+    from conftest import run_cli
+
+    torch.manual_seed(0)
+    export_hf(GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)), tmp_path, tokenizer_dir=str(bpe_dir))
+    assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
+    r = run_cli(["-m", "gpt2.sample", str(tmp_path), "--tokenizer-dir", str(bpe_dir), "--num-samples", "2",
+                 "--tokens", "6", "--prompt", "Hello world"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("sample 0: Hello world") and "sample 1: Hello world" in r.stdout

@@ -160,3 +160,17 @@ def test_bench_times_the_real_training_step_on_cpu():
     assert result["grad_accum"] == 2 and result["steps"] == 3 and result["data_ms_median"] >= 0
     assert result["step_ms_min"] <= result["step_ms_median"] <= result["step_ms_max"]
     assert result["peak_memory_gib"] > 0
+
+
+def test_evaluate_and_sample_commands_on_a_checkpoint(tmp_path):
+    hs = shared_file("hellaswag_val.jsonl")
+    r = train(tmp_path, extra={"train.max_steps": 2})
+    assert r.returncode == 0, r.stderr
+    ev = run_cli(["-m", "gpt2.evaluate", str(tmp_path / "ckpt"), "--hellaswag", str(hs), "--limit", "8"])
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stdout.startswith("HellaSwag: 8 examples, acc ") and "acc_norm" in ev.stdout
+    a = run_cli(["-m", "gpt2.sample", str(tmp_path / "ckpt" / "step-00000002"), "--num-samples", "2", "--tokens", "5"])
+    b = run_cli(["-m", "gpt2.sample", str(tmp_path / "ckpt"), "--num-samples", "2", "--tokens", "5"])
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.count("sample ") == 2, a.stderr
+    bad = run_cli(["-m", "gpt2.evaluate", str(tmp_path / "nothing-here")])
+    assert bad.returncode != 0 and "error:" in bad.stderr
