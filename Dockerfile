@@ -19,6 +19,7 @@ ARG BAKE_GPT2_BPE=0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_PROGRESS_BAR=off \
     TIKTOKEN_CACHE_DIR=/opt/gpt2/tiktoken \
     GPT2_CACHE_DIR=/workspace/runs/.cache \
     HOME=/home/gpt2 \
@@ -30,7 +31,10 @@ ENV PYTHONUNBUFFERED=1 \
 # Dependencies first (cache-friendly); torch is already in the base and is not reinstalled.
 COPY --from=build /wheels /wheels
 COPY docker/constraints.txt /wheels/constraints.txt
-RUN python3 -m pip install --no-cache-dir -c /wheels/constraints.txt "$(ls /wheels/gpt2-*.whl)[s3]" \
+# The base's torch is pinned for pip, so that no resolution can ever replace it.
+RUN python3 -c "import torch; print('torch==' + torch.__version__)" > /wheels/torch-pin.txt \
+    && python3 -m pip install --no-cache-dir -c /wheels/constraints.txt -c /wheels/torch-pin.txt \
+        "$(ls /wheels/gpt2-*.whl)[s3]" \
     && python3 -c "import torch, gpt2.train; print('torch', torch.__version__)" \
     && rm -rf /wheels
 
