@@ -180,7 +180,7 @@ def _batches(docs: Iterator[str], max_docs: int = DOCS_PER_BATCH, max_chars: int
 
 
 def tokenized_batches(docs: Iterator[str], tokenizer: Tokenizer, workers: int,
-                      executor_kind: str = "thread") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                      executor_kind: str = "process") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(tokens, doc lengths) per batch of `docs`, in order; at most 2 x workers batches in flight."""
     if workers <= 1:
         for batch in _batches(docs):

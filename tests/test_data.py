@@ -67,8 +67,8 @@ def test_two_workers_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
     assert shard_bytes(tmp_path / "two") == shard_bytes(prepared)
 
 
-def test_processes_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
-    prepare(cfg_for(corpus, tmp_path / "t", bpe_dir), workers=2, executor_kind="process", progress=False)
+def test_threads_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
+    prepare(cfg_for(corpus, tmp_path / "t", bpe_dir), workers=2, executor_kind="thread", progress=False)
     assert shard_bytes(tmp_path / "t") == shard_bytes(prepared)
 
 
