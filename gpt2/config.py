@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -174,8 +174,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
-
-_ = MISSING  # re-exported for configs that want a required value
 
 _CHOICES = {
     "tokenizer.name": ("gpt2", "bytes"),
@@ -346,10 +344,6 @@ def to_yaml(config: Config, redact: bool = True) -> str:
     if redact:
         data = _redact(data)
     return OmegaConf.to_yaml(OmegaConf.create(data))
-
-
-def to_dict(config: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
 
 
 def from_dict(data: dict[str, Any]) -> Config:

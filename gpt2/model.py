@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -312,10 +312,6 @@ def generate(
         idx = torch.cat((idx, torch.gather(top_ids, -1, choice)), dim=1)
     model.train(was_training)
     return idx
-
-
-def config_dict(config: GPTConfig) -> dict[str, int]:
-    return asdict(config)
 
 
 def flops_per_token(num_params: int, n_layer: int, n_embd: int, seq_len: int) -> int:
