@@ -26,14 +26,15 @@ import numpy as np
 from gpt2.config import Config, cli_config
 from gpt2.shards import (
     DTYPE,
+    DataError,
     Manifest,
     npy_bytes,
     read_manifest,
     shard_name,
     write_manifest,
 )
-from gpt2.storage import filesystem, join, with_retries, write_bytes
-from gpt2.tokenizer import Tokenizer, get_tokenizer
+from gpt2.storage import StorageError, filesystem, join, with_retries, write_bytes
+from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
 
@@ -360,7 +361,11 @@ def _cpu_count() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = cli_config(sys.argv[1:] if argv is None else argv, USAGE)
-    summary = prepare(cfg)
+    try:
+        summary = prepare(cfg)
+    except (TokenizerError, StorageError, DataError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     print(summary)
     print(f"shards in {cfg.data.dir}")
 
