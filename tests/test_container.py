@@ -45,10 +45,15 @@ def image():
         pytest.skip(msg)
     r = subprocess.run(["bash", "scripts/build-test-base.sh"], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = subprocess.run([*BUILDAH, "build", "--isolation", "chroot", "--layers", "--build-arg", f"BASE_IMAGE={BASE}",
-                        "-t", IMAGE, "."], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    # vfs copies the whole file system per layer: no intermediate layers, and nothing left behind
+    # but the base (reused by the next run), or repeated runs fill the disk
+    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
+    r = subprocess.run([*BUILDAH, "build", "--isolation", "chroot", "--layers=false", "--build-arg",
+                        f"BASE_IMAGE={BASE}", "-t", IMAGE, "."], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return IMAGE
+    yield IMAGE
+    subprocess.run([*BUILDAH, "rmi", IMAGE], capture_output=True)
+    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
 
 
 @pytest.mark.container
