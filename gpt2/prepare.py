@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import fsspec
@@ -275,7 +276,6 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     if manifest.shards:
         next_doc, next_offset = manifest.shards[-1]["next_doc"], manifest.shards[-1]["next_offset"]
         print(f"resuming: {len(manifest.shards)} shards already written, continuing at document {next_doc:,}")
-    with_retries(lambda: fs.makedirs(root, exist_ok=True), f"creating {d.dir}")
 
     def plan(index: int) -> tuple[str, int]:
         """Split and size of shard number `index` of the whole sequence."""
@@ -305,7 +305,10 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
         split, size = plan(len(manifest.shards))
 
     docs = iter_documents(d.source, d.text_field, d.txt_split, d.storage_options)
-    docs = _skip(docs, next_doc)
+    # read the first document before creating anything: a bad source must leave no empty data.dir
+    first = next(docs, None)
+    docs = _skip(chain([] if first is None else [first], docs), next_doc)
+    with_retries(lambda: fs.makedirs(root, exist_ok=True), f"creating {d.dir}")
     meter = Progress(total_tokens_hint, progress)
     first_doc = next_doc  # index of the first document of the current batch
     skip = next_offset  # tokens of the first document already in finished shards

@@ -274,3 +274,10 @@ def test_prepare_into_s3_and_read_back(s3_url, corpus, bpe_dir, prepared, tmp_pa
         assert np.array_equal(remote.rows(step, 1), local.rows(step, 1))
     assert sorted(p.name for p in (tmp_path / "cache").iterdir())  # fetched once into the cache
     assert val is not None and val.batch(1)[0].shape == (2, 64)
+
+
+def test_bad_source_writes_nothing(tmp_path, bpe_dir):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="matches no files"):
+        prepare(cfg_for(tmp_path / "nope" / "*.jsonl", out, bpe_dir), workers=1, progress=False)
+    assert not out.exists()
