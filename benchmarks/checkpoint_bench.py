@@ -23,38 +23,39 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from gpt2.checkpoint import Checkpointer  # noqa: E402
-from gpt2.config import CheckpointConfig, OptimConfig  # noqa: E402
-from gpt2.model import GPT, GPTConfig  # noqa: E402
+from gpt2.config import CheckpointConfig, ModelConfig, OptimConfig  # noqa: E402
+from gpt2.model import GPT  # noqa: E402
 from gpt2.optim import build_optimizer  # noqa: E402
+from gpt2.runtime import RNGState  # noqa: E402
 
 
-def state_124m() -> dict:
+def parts_124m() -> dict:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(pad_vocab_to=128))
+    model = GPT(ModelConfig(pad_vocab_to=128))
     opt = build_optimizer(model, OptimConfig(), "cpu")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()  # creates the AdamW moments
-    rng = {"cpu": torch.get_rng_state()}
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1, "rng": rng}
+    return {"model": model, "optimizer": opt, "rng": RNGState()}
 
 
-def measure(url: str, state: dict, blocking: bool, repeats: int, storage_options: dict) -> dict:
+def measure(url: str, parts: dict, blocking: bool, repeats: int, storage_options: dict) -> dict:
     stalls, totals, loads = [], [], []
-    ck = Checkpointer(CheckpointConfig(dir=url, keep=2, storage_options=storage_options))
+    ck = Checkpointer(CheckpointConfig(dir=url, keep=2, storage_options=storage_options), parts=parts,
+                      describe=lambda step: {"config": {}})
     for r in range(repeats):
         t0 = time.perf_counter()
-        ck.save(state, 100 + r, {"config": {}}, blocking=blocking)
+        ck.save(100 + r, blocking=blocking)
         t1 = time.perf_counter()
         ck.wait()
         t2 = time.perf_counter()
         stalls.append(t1 - t0)
         totals.append(t2 - t0)
         t3 = time.perf_counter()
-        ck.load(ck.complete()[-1].url)
+        ck.store.load(ck.store.complete()[-1].url)
         loads.append(time.perf_counter() - t3)
     return {"stall": statistics.median(stalls), "total": statistics.median(totals), "load": statistics.median(loads),
-            "bytes": ck.complete()[-1].meta["bytes"]}
+            "bytes": ck.store.complete()[-1].meta["bytes"]}
 
 
 def main() -> None:
@@ -62,7 +63,7 @@ def main() -> None:
     p.add_argument("--s3", action="store_true", help="also against SeaweedFS on 127.0.0.1:8333")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    state = state_124m()
+    parts = parts_124m()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         targets = [("local disk", tmp + "/ckpt", {})]
@@ -76,7 +77,7 @@ def main() -> None:
         try:
             for where, url, opts in targets:
                 for blocking in (True, False):
-                    r = measure(f"{url}/{'sync' if blocking else 'async'}", state, blocking, args.repeats, opts)
+                    r = measure(f"{url}/{'sync' if blocking else 'async'}", parts, blocking, args.repeats, opts)
                     rows.append((where, "sync" if blocking else "async", r))
         finally:
             if server:

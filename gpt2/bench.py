@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -21,16 +22,18 @@ import torch
 from gpt2 import distributed
 from gpt2.config import ConfigError, load_config
 from gpt2.metrics import mfu
+from gpt2.prepare import ensure_data
+from gpt2.shards import Manifest, npy_bytes, shard_name, write_manifest
+from gpt2.tokenizer import tokenizer_class
+from gpt2.train import Trainer
 
 
 def synthetic_shards(directory: str, tokenizer_name: str, n_tokens: int, vocab: int) -> None:
     """Random uint16 tokens in the shard format, so the benchmark needs no prepared corpus."""
-    from gpt2.shards import Manifest, npy_bytes, shard_name, write_manifest
-    from gpt2.tokenizer import ByteTokenizer, GPT2Tokenizer
-
     rng = np.random.default_rng(0)
     # the fingerprint is all the loader checks: no tokenizer files are needed for random tokens
-    fingerprint = {"gpt2": GPT2Tokenizer.fingerprint, "bytes": ByteTokenizer.fingerprint}[tokenizer_name]
+    fingerprint = tokenizer_class(tokenizer_name).fingerprint
+    os.makedirs(directory, exist_ok=True)
     shards = []
     for split, n in (("val", n_tokens // 8), ("train", n_tokens)):
         data = rng.integers(0, vocab, n, dtype=np.uint16)
@@ -52,14 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="DIR", help="also profile one step (torch.profiler): a summary table, "
                    "and a Chrome trace in DIR")
     args = p.parse_intermixed_args(argv)
-    from gpt2.train import Trainer
-
+    tmp = tempfile.TemporaryDirectory(prefix="gpt2-bench-")
     overrides = list(args.overrides) + ["eval.val_every=0", "eval.val_batches=0", "eval.hellaswag_every=0",
-                                        "eval.sample_every=0", "checkpoint.resume=never"]
-    tmp = None
+                                        "eval.sample_every=0", "checkpoint.resume=never",
+                                        f"logging.dir={tmp.name}/tensorboard"]
     if args.synthetic_data:
-        tmp = tempfile.TemporaryDirectory(prefix="gpt2-bench-")
-        overrides += [f"data.dir={tmp.name}", "data.auto_prepare=false"]
+        overrides += [f"data.dir={tmp.name}/data", "data.auto_prepare=false"]
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
@@ -69,11 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     dist = distributed.init(cfg.train.device)
     if args.synthetic_data and dist.is_main:
         need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
-        synthetic_shards(tmp.name, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
+        synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
+    ensure_data(cfg, dist.is_main)
     distributed.barrier()
-    from gpt2.train import ensure_data
-
-    ensure_data(cfg, dist)
     trainer = Trainer(cfg, dist)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     times, data_times = [], []
@@ -114,14 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer.close()
     del trainer
     distributed.teardown()
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return 0
 
 
 def profile_step(trainer, step: int, out_dir: str) -> str:
     """Profile one more training step; return the top operators by device (or CPU) time."""
-    import os
 
     from torch.profiler import ProfilerActivity, profile
 

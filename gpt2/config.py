@@ -20,8 +20,19 @@ class ConfigError(ValueError):
     """A problem with the user's configuration; the message says what to change."""
 
 
+# The four OpenAI sizes (block_size 1024, vocab 50257 for all of them).
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
 @dataclass
 class ModelConfig:
+    """The model's shape (what `gpt2.model.GPT` is built from) and where its weights start."""
+
     # A preset name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) fills the sizes below; null keeps them.
     preset: str | None = None
     n_layer: int = 12
@@ -34,6 +45,17 @@ class ModelConfig:
     pad_vocab_to: int = 1
     # Start from pretrained weights: a hub name (gpt2, ...) or a local Hugging Face directory.
     init_from: str | None = None
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: int) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown GPT-2 size '{name}'; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -272,8 +294,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def apply_preset(config: Config) -> None:
     """Fill the model sizes from `model.preset` (the four OpenAI GPT-2 sizes)."""
-    from gpt2.model import PRESETS
-
     if config.model.preset is None:
         return
     if config.model.preset not in PRESETS:
@@ -322,28 +342,32 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.betas must have two values, got {list(config.optim.betas)}")
     if config.tokenizer.name == "bytes" and config.model.vocab_size < 257:
         raise ConfigError("tokenizer 'bytes' needs model.vocab_size >= 257 (256 bytes + end-of-text)")
-    grad_accum_steps(config, world_size=1)
-
-
-def grad_accum_steps(config: Config, world_size: int) -> int:
-    """Micro-steps per optimizer step so that the global batch is `train.total_batch_tokens`."""
     t = config.train
-    per_step = t.micro_batch * t.seq_len * world_size
-    if t.total_batch_tokens % per_step:
+    grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, world_size=1)
+
+
+def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that the global batch is exactly `total_batch_tokens`
+    (the one place this is computed); ConfigError when it cannot be split evenly."""
+    per_step = micro_batch * seq_len * world_size
+    if total_batch_tokens % per_step:
         raise ConfigError(
-            f"train.total_batch_tokens ({t.total_batch_tokens}) is not divisible by "
-            f"train.micro_batch ({t.micro_batch}) x train.seq_len ({t.seq_len}) x world size ({world_size}) "
+            f"train.total_batch_tokens ({total_batch_tokens}) is not divisible by "
+            f"train.micro_batch ({micro_batch}) x train.seq_len ({seq_len}) x world size ({world_size}) "
             f"= {per_step}; change one of them so the global batch stays exact"
         )
-    return t.total_batch_tokens // per_step
+    return total_batch_tokens // per_step
+
+
+def to_dict(config: Config, redact: bool = True) -> dict[str, Any]:
+    """The resolved config as plain data, with secrets in storage options replaced by '***'."""
+    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    return _redact(data) if redact else data  # type: ignore[return-value]
 
 
 def to_yaml(config: Config, redact: bool = True) -> str:
     """The resolved config as YAML, with secrets in storage options replaced by '***'."""
-    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
-    if redact:
-        data = _redact(data)
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(config, redact)))
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -13,6 +13,8 @@ slice of R/world rows, and micro step m the m-th `micro_batch` rows of that slic
 
 from __future__ import annotations
 
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +34,16 @@ class Layout:
     total_batch_tokens: int
     world_size: int
 
+    def __post_init__(self) -> None:
+        self.accum_steps  # noqa: B018 -- ConfigError now if the batch cannot be split evenly
+
     @property
     def rows_per_step(self) -> int:
         return self.total_batch_tokens // self.seq_len
 
     @property
     def accum_steps(self) -> int:
-        return self.rows_per_step // (self.micro_batch * self.world_size)
+        return grad_accum_steps(self.total_batch_tokens, self.micro_batch, self.seq_len, self.world_size)
 
     def first_row(self, step: int, micro_step: int, rank: int) -> int:
         if not 0 <= micro_step < self.accum_steps:
@@ -89,6 +94,31 @@ class TrainLoader:
         return step * self.layout.rows_per_step // self.rows_per_epoch
 
 
+class ReadAhead:
+    """Reads the next micro-batch's rows in a thread while the current one computes."""
+
+    def __init__(self, loader: TrainLoader):
+        self.loader = loader
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpt2-data")
+        self._next: tuple[tuple[int, int], Future] | None = None
+
+    def rows(self, step: int, micro_step: int) -> np.ndarray:
+        """The same rows as `loader.rows(step, micro_step)`; starts reading the micro-batch after it."""
+        key = (step, micro_step)
+        rows = self._next[1].result() if self._next and self._next[0] == key else self.loader.rows(*key)
+        upcoming = (step, micro_step + 1) if micro_step + 1 < self.loader.layout.accum_steps else (step + 1, 0)
+        self._next = (upcoming, self._pool.submit(self.loader.rows, *upcoming))
+        return rows
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def row_hash(rows: np.ndarray, first_position: int) -> int:
+    """Position-aware checksum of batch rows; sums over ranks to the same value at any world size."""
+    return sum(zlib.crc32(np.int64(first_position + i).tobytes() + row.tobytes()) for i, row in enumerate(rows))
+
+
 class ValLoader:
     """A fixed list of validation micro-batches; batch k goes to rank k % world_size."""
 
@@ -122,12 +152,11 @@ def to_device(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tenso
 
 def build_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader | None]:
     """Open and check the data for `cfg` (every problem a DataError before training starts)."""
-    grad_accum_steps(cfg, world_size)  # raises ConfigError if the batch cannot be split
     t = cfg.train
+    layout = Layout(t.micro_batch, t.seq_len, t.total_batch_tokens, world_size)
     common = dict(tokenizer_fingerprint=tokenizer_class(cfg.tokenizer.name).fingerprint,
                   storage_options=cfg.data.storage_options, cache_dir=cfg.data.cache_dir, min_tokens=t.seq_len + 1)
     train = open_split(cfg.data.dir, "train", **common)  # type: ignore[arg-type]
-    layout = Layout(t.micro_batch, t.seq_len, t.total_batch_tokens, world_size)
     loader = TrainLoader(train, layout, rank, seed=t.seed, shuffle=cfg.data.shuffle)
     val = None
     if cfg.eval.val_batches > 0:

@@ -22,10 +22,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
 
 def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
@@ -66,14 +62,13 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"/gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def teardown(*objects_to_drop: object) -> None:
+def teardown() -> None:
     """Leave the process group cleanly.
 
     A process that exits while a DDP module is alive aborts now and then under gloo
-    ("terminate called without an active exception"); dropping it, collecting, a barrier and
-    destroying the group avoids that. Callers pass nothing: they `del` their own references first.
+    ("terminate called without an active exception"); callers `del` their DDP module first, then
+    collecting, a barrier and destroying the group avoids that.
     """
-    del objects_to_drop
     gc.collect()
     if dist.is_initialized():
         try:

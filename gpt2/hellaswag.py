@@ -113,7 +113,7 @@ class HellaSwagResult:
 
 
 @torch.no_grad()
-def evaluate(
+def score(
     model: Callable[[torch.Tensor], tuple[torch.Tensor, object]],
     tokenizer: Tokenizer,
     path: Path,

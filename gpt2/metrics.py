@@ -1,6 +1,10 @@
-"""Throughput, MFU and TensorBoard logging."""
+"""Throughput, MFU, and the metrics logger (console, steps.jsonl, TensorBoard)."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,16 +49,58 @@ def mfu(tokens_per_sec: float, flops_per_tok: int, peak_flops: float | None, wor
     return tokens_per_sec * flops_per_tok / (peak_flops * world_size)
 
 
-class Metrics:
-    """TensorBoard on rank 0 (a no-op elsewhere). `purge_step` drops events from a previous
-    attempt at or after the resume step, so curves never double back."""
+@dataclass
+class StepRecord:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    step_time_ms: float
+    tokens_per_sec: float
+    mfu: float | None
+    batch_hash: int
+    world_size: int
 
-    def __init__(self, log_dir: str | None, purge_step: int | None = None):
+
+class MetricsLogger:
+    """Every output channel of a run: the console line, `steps.jsonl` and TensorBoard.
+
+    A no-op off rank 0 (`enabled=False`). `steps.jsonl` holds one JSON line per step at full
+    float precision; after a restart a step may appear twice and the last line counts.
+    TensorBoard's `purge_step` drops events of a previous attempt at or after the resume step,
+    so curves never double back.
+    """
+
+    def __init__(self, log_dir: str, enabled: bool, max_steps: int, log_every: int = 1,
+                 purge_step: int | None = None):
+        self.enabled, self.max_steps, self.log_every = enabled, max_steps, log_every
         self.writer = None
-        if log_dir:
+        self.steps_path: Path | None = None
+        if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
+            self.steps_path = Path(log_dir) / "steps.jsonl"
+
+    def info(self, message: str) -> None:
+        """A line on the console (rank 0)."""
+        if self.enabled:
+            print(message, flush=True)
+
+    def step(self, r: StepRecord) -> None:
+        """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""
+        if not self.enabled:
+            return
+        with open(self.steps_path, "a") as f:  # type: ignore[arg-type]
+            f.write(json.dumps(r.__dict__) + "\n")
+        self.scalars(r.step, {
+            "train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
+            "perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu, "perf/step_time_ms": r.step_time_ms,
+        })
+        if r.step % self.log_every == 0 or r.step == self.max_steps - 1:
+            util = f"MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "MFU n/a"
+            self.info(f"step {r.step:6d}/{self.max_steps} | loss {r.loss:.6f} | lr {r.lr:.3e} | "
+                      f"norm {r.grad_norm:.4f} | {r.step_time_ms:.1f} ms | {r.tokens_per_sec:,.0f} tok/s | {util}")
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:
@@ -66,10 +112,6 @@ class Metrics:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

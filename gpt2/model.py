@@ -8,49 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-# The four OpenAI sizes (block_size 1024, vocab 50257 for all of them).
-PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-}
+from gpt2.config import PRESETS, ModelConfig
 
 # Hugging Face Conv1D stores weights as (in, out); our nn.Linear wants (out, in).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-@dataclass
-class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    # Embedding rows are padded up to a multiple of this; padded ids are never sampled or scored.
-    pad_vocab_to: int = 1
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_to
-        return (self.vocab_size + m - 1) // m * m
-
-    @classmethod
-    def preset(cls, name: str, **overrides: int) -> GPTConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown GPT-2 size '{name}'; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
@@ -66,7 +37,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")
@@ -78,7 +49,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
@@ -91,7 +62,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
@@ -159,7 +130,7 @@ class GPT(nn.Module):
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{path}: activation_function '{act}' is not GPT-2's tanh GELU")
-        config = GPTConfig(
+        config = ModelConfig(
             block_size=hf["n_positions"],
             vocab_size=hf["vocab_size"],
             n_layer=hf["n_layer"],
@@ -206,6 +177,13 @@ class GPT(nn.Module):
                 v = v.t()
             out[k] = v.detach().to("cpu", torch.float32).contiguous()
         return out
+
+
+def build_model(cfg: ModelConfig) -> GPT:
+    """A fresh GPT of the configured shape, or pretrained weights when `init_from` is set."""
+    if cfg.init_from:
+        return GPT.from_pretrained(cfg.init_from, pad_vocab_to=cfg.pad_vocab_to)
+    return GPT(cfg)
 
 
 def _download_from_hub(name: str) -> Path:

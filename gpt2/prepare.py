@@ -72,14 +72,14 @@ def _hub_documents(source: str, text_field: str) -> Iterator[str]:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise SystemExit("error: streaming from the hub needs `datasets`: pip install 'gpt2[hub]'") from None
+        raise DataError("streaming from the hub needs `datasets`: pip install 'gpt2[hub]'") from None
     try:
         ds = load_dataset(repo, name=name, split="train", streaming=True)
         for row in ds:
             yield row[text_field]
     except Exception as err:
-        raise SystemExit(
-            f"error: cannot stream {repo} ({name}) from the Hugging Face hub: {type(err).__name__}: {err}. "
+        raise DataError(
+            f"cannot stream {repo} ({name}) from the Hugging Face hub: {type(err).__name__}: {err}. "
             "Offline, download the parquet files elsewhere and set data.source to their path."
         ) from None
 
@@ -96,7 +96,7 @@ def _expand(source: str, storage_options: dict[str, Any]) -> list[str]:
 def _file_documents(source: str, text_field: str, txt_split: str, storage_options: dict[str, Any]) -> Iterator[str]:
     paths = _expand(source, storage_options)
     if not paths:
-        raise SystemExit(f"error: data.source '{source}' matches no files")
+        raise DataError(f"data.source '{source}' matches no files")
     for path in paths:
         name = path.removesuffix(".gz").removesuffix(".zst")
         try:
@@ -115,15 +115,14 @@ def _file_documents(source: str, text_field: str, txt_split: str, storage_option
                 else:
                     yield f.read()
         except FileNotFoundError:
-            raise SystemExit(f"error: input file {path} not found (data.source='{source}')") from None
+            raise DataError(f"input file {path} not found (data.source='{source}')") from None
 
 
 def _json_text(line: str, text_field: str, path: str, lineno: int) -> str:
     try:
         return json.loads(line)[text_field]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SystemExit(
-            f"error: {path}:{lineno} is not a JSON object with a '{text_field}' field ({err}); "
+        raise DataError(f"{path}:{lineno} is not a JSON object with a '{text_field}' field ({err}); "
             "set data.text_field to the field that holds the text"
         ) from None
 
@@ -249,7 +248,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     d = cfg.data
     tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
     if tokenizer.n_vocab > 2**16:
-        raise SystemExit(f"error: tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids; uint16 shards hold 65536")
+        raise DataError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids; uint16 shards hold 65536")
     workers = workers or d.workers or _cpu_count()
     executor_kind = executor_kind or d.executor
     fs, root = filesystem(d.dir, d.storage_options)
@@ -262,8 +261,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
         mine = (fresh.tokenizer, fresh.source, fresh.shard_tokens, fresh.val_tokens)
         theirs = (manifest.tokenizer, manifest.source, manifest.shard_tokens, manifest.val_tokens)
         if mine != theirs:
-            raise SystemExit(
-                f"error: {d.dir} holds shards prepared with other settings (tokenizer, source, shard_tokens, "
+            raise DataError(f"{d.dir} holds shards prepared with other settings (tokenizer, source, shard_tokens, "
                 f"val_tokens = {theirs}, now {mine}); use another data.dir or delete that one"
             )
         if manifest.complete:
@@ -329,14 +327,12 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
         meter.update(summary.tokens, len(manifest.shards))
     doc_index = first_doc
     if not any(s["split"] == "train" for s in manifest.shards) and fill == 0:
-        raise SystemExit(
-            f"error: the corpus ended after {summary.tokens:,} tokens, before any train shard "
+        raise DataError(f"the corpus ended after {summary.tokens:,} tokens, before any train shard "
             f"(data.val_tokens={d.val_tokens:,}); lower data.val_tokens or add text"
         )
     if fill:
         if split == "val":
-            raise SystemExit(
-                f"error: the corpus has only {summary.tokens:,} tokens, fewer than data.val_tokens="
+            raise DataError(f"the corpus has only {summary.tokens:,} tokens, fewer than data.val_tokens="
                 f"{d.val_tokens:,}; lower data.val_tokens so that train shards remain"
             )
         flush(doc_index, 0)
@@ -348,6 +344,16 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
         print(file=sys.stderr)
     summary.seconds = time.time() - start
     return summary
+
+
+def ensure_data(cfg: Config, is_main: bool) -> None:
+    """With data.auto_prepare, rank 0 prepares missing shards (the caller then waits at a barrier)."""
+    if not (cfg.data.auto_prepare and is_main):
+        return
+    manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
+    if manifest is None or not manifest.complete:
+        print(f"preparing {cfg.data.source} into {cfg.data.dir} (data.auto_prepare=true)", flush=True)
+        print(prepare(cfg, progress=False), flush=True)
 
 
 def _skip(docs: Iterator[str], n: int) -> Iterator[str]:

@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from gpt2.loading import load_model
 from gpt2.model import GPT, generate
 from gpt2.tokenizer import Tokenizer
 
@@ -26,8 +27,6 @@ def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gpt2.checkpoint import load_model
-
     p = argparse.ArgumentParser(prog="python -m gpt2.sample", description=__doc__.split("\n")[0])
     p.add_argument("source", help="checkpoint dir/URL, Hugging Face directory, or hub name")
     p.add_argument("--prompt", default="Hello this is AI model,")

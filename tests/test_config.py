@@ -16,7 +16,7 @@ def test_124m_config_holds_the_seed_hyper_parameters():
     assert c.optim.betas == [0.9, 0.96] and (c.optim.weight_decay, c.optim.eps, c.optim.grad_clip) == (0.1, 1e-8, 1.0)
     assert (c.eval.hellaswag_every, c.eval.sample_every, c.eval.num_samples, c.eval.top_k) == (200, 50, 4, 50)
     assert c.eval.sample_prompt == "Hello this is AI model,"
-    assert grad_accum_steps(c, world_size=8) == 15
+    assert grad_accum_steps(c.train.total_batch_tokens, c.train.micro_batch, c.train.seq_len, world_size=8) == 15
 
 
 def test_demo_config_is_offline_and_explicit():
@@ -50,7 +50,7 @@ def test_batch_not_divisible_names_all_four_numbers():
     c = load_config("configs/demo.yaml")
     numbers = r"total_batch_tokens \(4096\).*micro_batch \(8\).*seq_len \(128\).*world size \(3\)"
     with pytest.raises(ConfigError, match=numbers):
-        grad_accum_steps(c, world_size=3)
+        grad_accum_steps(c.train.total_batch_tokens, c.train.micro_batch, c.train.seq_len, world_size=3)
 
 
 def test_secrets_are_redacted():

@@ -110,7 +110,7 @@ def test_restart_after_a_crash_resumes_without_redoing_shards(prepared, corpus, 
 
 
 def test_prepare_refuses_a_directory_prepared_differently(prepared, corpus, bpe_dir):
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(DataError, match="other settings"):
         prepare(cfg_for(corpus, prepared, bpe_dir, **{"data.shard_tokens": 1234}), workers=1, progress=False)
 
 
@@ -278,6 +278,6 @@ def test_prepare_into_s3_and_read_back(s3_url, corpus, bpe_dir, prepared, tmp_pa
 
 def test_bad_source_writes_nothing(tmp_path, bpe_dir):
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="matches no files"):
+    with pytest.raises(DataError, match="matches no files"):
         prepare(cfg_for(tmp_path / "nope" / "*.jsonl", out, bpe_dir), workers=1, progress=False)
     assert not out.exists()

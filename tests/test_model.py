@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2.model import GPT, PRESETS, GPTConfig, export_hf, generate
+from gpt2.config import PRESETS, ModelConfig
+from gpt2.model import GPT, export_hf, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,13 +21,13 @@ EXPECTED_PARAMS = {
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_parameter_count_of_each_openai_size(name):
     with torch.device("meta"):
-        model = GPT(GPTConfig.preset(name))
+        model = GPT(ModelConfig.from_preset(name))
     assert model.num_params() == EXPECTED_PARAMS[name]
 
 
 def test_init_follows_gpt2():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
+    model = GPT(ModelConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=1000))
     assert model.transformer.wte.weight is model.lm_head.weight
     assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
     assert abs(model.transformer.h[0].attn.c_proj.weight.std().item() - 0.02 / 4) < 0.0005  # 1/sqrt(2*8)
@@ -67,7 +68,7 @@ def test_from_pretrained_matches_transformers(tmp_path, size, safe):
 def test_export_loads_in_transformers_with_same_logits(tmp_path, size):
     s = SIZES[size]
     torch.manual_seed(2)
-    ours = GPT(GPTConfig(block_size=s.get("n_positions", 1024), vocab_size=s.get("vocab_size", 50257),
+    ours = GPT(ModelConfig(block_size=s.get("n_positions", 1024), vocab_size=s.get("vocab_size", 50257),
                          n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], pad_vocab_to=128)).eval()
     export_hf(ours, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -102,7 +103,7 @@ def test_hub_name_without_network_gives_clear_error(monkeypatch):
 
 def _tiny(pad_to=1):
     torch.manual_seed(3)
-    return GPT(GPTConfig(block_size=24, vocab_size=50, n_layer=1, n_head=2, n_embd=16, pad_vocab_to=pad_to))
+    return GPT(ModelConfig(block_size=24, vocab_size=50, n_layer=1, n_head=2, n_embd=16, pad_vocab_to=pad_to))
 
 
 def test_generation_is_deterministic_for_a_seed():
@@ -128,7 +129,7 @@ def test_sample_command_on_a_hugging_face_directory(tmp_path, bpe_dir):
     from conftest import run_cli
 
     torch.manual_seed(0)
-    export_hf(GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)), tmp_path, tokenizer_dir=str(bpe_dir))
+    export_hf(GPT(ModelConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)), tmp_path, tokenizer_dir=str(bpe_dir))
     assert (tmp_path / "vocab.json").exists() and (tmp_path / "merges.txt").exists()
     r = run_cli(["-m", "gpt2.sample", str(tmp_path), "--tokenizer-dir", str(bpe_dir), "--num-samples", "2",
                  "--tokens", "6", "--prompt", "Hello world"])

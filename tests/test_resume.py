@@ -16,9 +16,9 @@ import torch
 from conftest import run_cli
 from helpers.runs import popen_train, steps, train
 
-from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, load_state
+from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, CheckpointStore, load_state
 from gpt2.config import CheckpointConfig
-from gpt2.train import EXIT_PREEMPTED
+from gpt2.runtime import EXIT_PREEMPTED
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 24,
           "checkpoint.every": 3}
@@ -78,7 +78,7 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     killed_in = partial[0].name
     assert not (ckpt / killed_in / MARKER).exists()
 
-    found = Checkpointer(CheckpointConfig(dir=str(ckpt))).complete()
+    found = CheckpointStore(str(ckpt)).complete()
     assert [c.step for c in found] == [2]
     r = train(tmp_path, extra=big)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -110,7 +110,7 @@ def test_sigterm_saves_and_exits_with_the_preemption_code(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == EXIT_PREEMPTED
     assert time.time() - t0 < 10
-    found = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt"))).complete()
+    found = CheckpointStore(str(tmp_path / "ckpt")).complete()
     assert len(found) == 1 and found[0].step == max(steps(tmp_path)) + 1
     r = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": found[0].step + 2}))
     assert r.returncode == 0 and f"at step {found[0].step}" in r.stdout, r.stdout + r.stderr
@@ -134,54 +134,98 @@ def test_save_and_resume_on_s3_match_a_local_run_bitwise(tmp_path, s3_url):
 
 @pytest.mark.s3
 def test_s3_outage_during_a_save_is_retried(tmp_path, s3_server, s3_url):
-    ckpt = Checkpointer(CheckpointConfig(dir=f"{s3_url}/outage", keep=2, retries=6,
-                                         storage_options=s3_server.storage_options))
-    state = {"model": {"w": torch.randn(256, 256)}, "step": 1}
+    model = Part({"w": torch.randn(256, 256)})
+    ckpt = Checkpointer(CheckpointConfig(dir=f"{s3_url}/outage", keep=2, retries=6, every=1, async_save=True,
+                                         storage_options=s3_server.storage_options),
+                        parts={"model": model}, describe=lambda step: {"config": {}})
     s3_server.stop()
     t0 = time.time()
-    ckpt.save(state, 1, {"config": {}}, blocking=False)  # the write starts while the server is down
+    ckpt.step_end(1)  # the async write starts while the server is down
     time.sleep(2.0)
     s3_server.start()
-    ckpt.wait(raise_errors=True)
+    ckpt.wait()
     assert time.time() - t0 > 2.0
-    assert [c.step for c in ckpt.complete()] == [1]
-    assert torch.equal(ckpt.load(ckpt.complete()[0].url)["model"]["w"], state["model"]["w"])
+    assert [c.step for c in ckpt.store.complete()] == [1]
+    assert torch.equal(ckpt.store.load(ckpt.store.complete()[0].url)["model"]["w"], model.state["w"])
 
 
 # ---- the Checkpointer itself -------------------------------------------------------------------------
 
 
+class Part:
+    """A stand-in for a trainer part (model, optimizer, ...): anything with state_dict/load_state_dict."""
+
+    def __init__(self, state=None):
+        self.state = state or {}
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
 def small_state(step):
     torch.manual_seed(step)
-    return {"model": {"w": torch.randn(8, 8)}, "step": step, "rng": {"cpu": torch.get_rng_state()}}
+    return {"model": {"w": torch.randn(8, 8)}, "progress": {"step": step}}
 
 
 def test_keep_last_k_and_partial_saves_are_cleaned_up(tmp_path):
-    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep=2))
+    store = CheckpointStore(str(tmp_path), keep=2)
     (tmp_path / "step-00000003").mkdir()
     (tmp_path / "step-00000003" / STATE_FILE).write_bytes(b"half a checkpoint")  # a crashed save
     for step in (1, 2, 4, 5):
-        ck.save(small_state(step), step, {"config": {}}, blocking=True)
+        store.write(small_state(step), step, {"config": {}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
 
 
+def checkpointer(directory, parts, **cfg):
+    return Checkpointer(CheckpointConfig(dir=str(directory), **cfg), parts=parts, describe=lambda s: {"config": {}})
+
+
 def test_async_save_matches_sync_save(tmp_path):
-    a = Checkpointer(CheckpointConfig(dir=str(tmp_path / "a")))
-    b = Checkpointer(CheckpointConfig(dir=str(tmp_path / "b")))
     state = small_state(7)
-    a.save(state, 7, {"config": {}}, blocking=True)
-    b.save(state, 7, {"config": {}}, blocking=False)
+    a = checkpointer(tmp_path / "a", {"model": Part(state["model"])})
+    b = checkpointer(tmp_path / "b", {"model": Part(state["model"])})
+    a.save(7, blocking=True)
+    b.save(7, blocking=False)
     state["model"]["w"].zero_()  # training goes on: the async save must have taken a copy
     b.wait()
     la, lb = load_state(str(tmp_path / "a" / "step-00000007")), load_state(str(tmp_path / "b" / "step-00000007"))
     assert torch.equal(la["model"]["w"], lb["model"]["w"]) and la["model"]["w"].abs().sum() > 0
 
 
+def test_interval_and_resume_load_every_part(tmp_path):
+    model, progress = Part(), Part()
+    ck = checkpointer(tmp_path, {"model": model, "progress": progress}, every=2)
+    for step in (1, 2, 3):
+        model.state, progress.state = small_state(step)["model"], {"step": step}
+        ck.step_end(step)
+    assert [c.step for c in ck.store.complete()] == [2]  # only on the interval
+    fresh_model, fresh_progress = Part(), Part()
+    again = checkpointer(tmp_path, {"model": fresh_model, "progress": fresh_progress})
+    assert again.resume().endswith("step-00000002")
+    assert fresh_progress.state == {"step": 2}
+    assert torch.equal(fresh_model.state["w"], small_state(2)["model"]["w"])
+    assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
+
+
+def test_a_failed_periodic_save_is_logged_and_a_failed_final_save_is_fatal(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ck = checkpointer(blocker / "ckpt", {"model": Part(small_state(1)["model"])}, every=1, retries=0)
+    with caplog.at_level(logging.ERROR):
+        ck.step_end(1)  # goes on
+    assert "CHECKPOINT SAVE FAILED" in caplog.text
+    with pytest.raises(CheckpointError, match="the final checkpoint could not be saved"):
+        ck.save_final(2, "final")
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "no-marker"])
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
-    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), keep=3))
+    store = CheckpointStore(str(tmp_path), keep=3)
     for step in (1, 2):
-        ck.save(small_state(step), step, {"config": {}}, blocking=True)
+        store.write(small_state(step), step, {"config": {}})
     state_file = tmp_path / "step-00000002" / STATE_FILE
     data = bytearray(state_file.read_bytes())
     if damage == "corrupt":
@@ -192,8 +236,8 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, d
     else:
         (tmp_path / "step-00000002" / MARKER).unlink()
     with caplog.at_level(logging.WARNING):
-        url, state = ck.load_for_resume()
-    assert url.endswith("step-00000001") and state["step"] == 1
+        url, state = store.newest_loadable()
+    assert url.endswith("step-00000001") and state["progress"]["step"] == 1
     if damage != "no-marker":
         assert "skipping corrupt checkpoint" in caplog.text and "step-00000002" in caplog.text
     with pytest.raises(CheckpointError):
@@ -211,7 +255,7 @@ def test_checkpoint_cli_list_inspect_export(tmp_path):
     assert "step: 4" in out and "tokens_seen: 2048" in out and '"n_embd": 32' in out
     r = run_cli(["-m", "gpt2.checkpoint", "export", str(ckpt), str(tmp_path / "hf")])
     assert r.returncode == 0, r.stderr
-    from gpt2.checkpoint import load_model
+    from gpt2.loading import load_model
 
     ours, _ = load_model(str(ckpt))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()

@@ -94,7 +94,7 @@ def test_hellaswag_same_counts_on_one_and_two_ranks(tmp_path):
     two = json.loads(result.stdout.strip().splitlines()[-1])
     from helpers.hellaswag_ranks import tiny_model
 
-    one = hellaswag.evaluate(tiny_model(), ByteTokenizer(), path, torch.device("cpu"), limit=24, max_len=128)
+    one = hellaswag.score(tiny_model(), ByteTokenizer(), path, torch.device("cpu"), limit=24, max_len=128)
     assert two == [one.total, one.correct, one.correct_norm]
     assert one.total == 24
 
@@ -118,7 +118,7 @@ def test_acc_norm_of_a_model_with_known_scores(tmp_path):
     labels = [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
     path.write_text("".join(json.dumps({"ctx": "ctx", "endings": ["aaaaaaaab", "c", "bb", "cc"], "label": y}) + "\n"
                             for y in labels))
-    r = hellaswag.evaluate(FixedDistributionModel(), ByteTokenizer(), path, torch.device("cpu"))
+    r = hellaswag.score(FixedDistributionModel(), ByteTokenizer(), path, torch.device("cpu"))
     assert (r.total, r.correct_norm, r.correct) == (10, 7, 3)
     assert r.acc_norm == 0.7 and r.acc == 0.3
 

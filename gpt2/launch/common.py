@@ -55,7 +55,8 @@ def fit_micro_batch(cfg: Config, overrides: list[str], world_sizes: list[int]) -
 def check_world(cfg: Config, nodes: int, procs_per_node: int, what: str = "") -> None:
     """The global batch must split evenly over every world size the job may run at."""
     try:
-        grad_accum_steps(cfg, nodes * procs_per_node)
+        t = cfg.train
+        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, nodes * procs_per_node)
     except ConfigError as err:
         raise LaunchError(f"{what}{nodes} node(s) x {procs_per_node} process(es) cannot keep the global batch: {err}"
                           ) from None

@@ -9,10 +9,11 @@ import torch
 
 
 def tiny_model():
-    from gpt2.model import GPT, GPTConfig
+    from gpt2.config import ModelConfig
+    from gpt2.model import GPT
 
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32)).eval()
+    return GPT(ModelConfig(block_size=128, vocab_size=257, n_layer=1, n_head=2, n_embd=32)).eval()
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     from gpt2.tokenizer import ByteTokenizer
 
     d = distributed.init("cpu")
-    r = hellaswag.evaluate(tiny_model(), ByteTokenizer(), sys.argv[1], d.device, d.rank, d.world_size,
+    r = hellaswag.score(tiny_model(), ByteTokenizer(), sys.argv[1], d.device, d.rank, d.world_size,
                            limit=int(sys.argv[2]), max_len=128)
     if d.is_main:
         print(json.dumps([r.total, r.correct, r.correct_norm]))

@@ -1,0 +1,304 @@
+"""Checkpoints on any fsspec URL: atomic commit, keep-last-k, async save, verified load, resume.
+
+Layout under `checkpoint.dir`:
+
+    step-00000500/state.pt      one entry per part of the trainer (model, optimizer, progress, rng)
+    step-00000500/COMMITTED     JSON: step, tokens, world size, config, size and sha256 of state.pt
+
+`COMMITTED` is written last, so a directory without it is a save that did not finish: it is
+ignored by resume and deleted after the next successful save. DDP replicas are identical, so
+rank 0 writes one file; loading it needs no particular world size. Loads use
+`torch.load(weights_only=True)`, which unpickles no arbitrary objects, after checking the hash.
+
+`CheckpointStore` is the storage mechanics of one directory; `Checkpointer` is the policy the
+trainer uses (interval, keep, async, which failures are fatal, what to resume from).
+CLI: `python -m gpt2.checkpoint list|inspect|export DIR_OR_URL [...]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from gpt2 import distributed
+from gpt2.config import CheckpointConfig
+from gpt2.storage import StorageError, filesystem, join, with_retries, write_bytes
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+MARKER = "COMMITTED"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt, or a save that must succeed failed."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    url: str
+    meta: dict[str, Any]
+
+
+def to_cpu(obj: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointStore:
+    """The step directories under one directory or URL: list, write (atomically), load, prune."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retries: int = 5, keep: int = 2):
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.root = filesystem(self.url, self.storage_options)
+        self.retries, self.keep = retries, keep
+
+    def _step_dirs(self) -> list[tuple[int, str]]:
+        try:
+            entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}", self.retries)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in entries:
+            m = _STEP_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                out.append((int(m.group(1)), path.rstrip("/")))
+        return sorted(out)
+
+    def _url_of(self, path: str) -> str:
+        return f"{self.url}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+
+    def complete(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        out = []
+        for step, path in self._step_dirs():
+            marker = join(path, MARKER)
+            if self.fs.exists(marker):
+                try:
+                    meta = json.loads(self.fs.cat_file(marker))
+                except (ValueError, OSError) as err:
+                    log.warning("ignoring %s: unreadable commit marker (%s)", marker, err)
+                    continue
+                out.append(CheckpointInfo(step, self._url_of(path), meta))
+        return out
+
+    def write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
+        """Write `state` as step `step`, commit it, then prune to the newest `keep`."""
+        t0 = time.time()
+        path = join(self.root, step_dir_name(step))
+        marker = join(path, MARKER)
+        if self.fs.exists(marker):
+            log.info("checkpoint %s already committed; not written again", self._url_of(path))
+            return
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), saved_at=time.time())
+        r = self.retries
+        with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r)
+        with_retries(lambda: write_bytes(self.fs, join(path, STATE_FILE), data), f"writing {path}/{STATE_FILE}", r)
+        # The commit marker goes last: only now is the checkpoint complete.
+        with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {path}", r)
+        log.info("saved checkpoint %s (%.1f MB in %.1fs)", self._url_of(path), len(data) / 1e6, time.time() - t0)
+        self._prune(keep_step=step)
+
+    def _prune(self, keep_step: int) -> None:
+        """Delete partial saves and all but the newest `keep` complete checkpoints."""
+        complete = {c.step for c in self.complete()}
+        keep = set(sorted(complete)[-self.keep:]) | {keep_step}
+        for step, path in self._step_dirs():
+            if step not in keep:
+                try:
+                    with_retries(lambda p=path: self.fs.rm(p, recursive=True), f"deleting {path}", self.retries)
+                except (StorageError, OSError) as err:
+                    log.warning("could not delete old checkpoint %s: %s", path, err)
+
+    def load(self, url: str) -> dict[str, Any]:
+        """Load one checkpoint directory (verified against its commit marker)."""
+        return load_state(url, self.storage_options, self.retries)
+
+    def newest_loadable(self) -> tuple[str, dict[str, Any]] | None:
+        """The newest checkpoint that loads; a corrupt one is skipped with a warning naming it."""
+        for info in reversed(self.complete()):
+            try:
+                return info.url, self.load(info.url)
+            except CheckpointError as err:
+                log.warning("WARNING: skipping corrupt checkpoint %s: %s; trying the previous one", info.url, err)
+        return None
+
+
+class Checkpointer:
+    """The checkpoint policy of a training run over the trainer's `parts`.
+
+    The trainer calls `resume()` once, `step_end(step)` after every optimizer step (saves every
+    `checkpoint.every` steps, async if configured; a failure is logged and the next save tries
+    again) and `save_final(step, why)` when it stops (blocking; a failure is fatal).
+    """
+
+    def __init__(self, cfg: CheckpointConfig, parts: dict[str, Stateful],
+                 describe: Callable[[int], dict[str, Any]], is_writer: bool = True):
+        self.cfg, self.parts, self.describe, self.is_writer = cfg, parts, describe, is_writer
+        self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def resume(self) -> str | None:
+        """Load the checkpoint rank 0 picks (per `checkpoint.resume`) into the parts on every rank;
+        returns its URL, or None when there is nothing to resume from."""
+        found = self._pick() if self.is_writer else None
+        target = distributed.broadcast_object(found[0] if found else None)
+        if target is None:
+            return None
+        state = found[1] if found else self.store.load(target)  # type: ignore[arg-type]
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        return target  # type: ignore[return-value]
+
+    def _pick(self) -> tuple[str, dict[str, Any]] | None:
+        if self.cfg.resume == "never":
+            return None
+        if self.cfg.resume != "auto":
+            return self.cfg.resume, self.store.load(self.cfg.resume)
+        return self.store.newest_loadable()
+
+    def step_end(self, step: int) -> None:
+        """Save on the interval; a failed periodic save does not stop training."""
+        if step % self.cfg.every:
+            return
+        for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
+            try:
+                attempt()
+            except Exception as err:
+                log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)
+
+    def save_final(self, step: int, why: str) -> None:
+        """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails."""
+        try:
+            self.wait()
+        except Exception:
+            pass  # already logged; this save supersedes it
+        try:
+            self.save(step, blocking=True)
+        except Exception as err:
+            raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
+
+    def save(self, step: int, blocking: bool) -> None:
+        """Save the parts as step `step` (rank 0 only). Non-blocking saves copy to host memory, then
+        write in a thread, whose error the next `wait()` raises."""
+        if not self.is_writer:
+            return
+        self.wait()
+        state = to_cpu({name: part.state_dict() for name, part in self.parts.items()})
+        meta = self.describe(step)
+        if blocking:
+            self.store.write(state, step, meta)
+            return
+        self._thread = threading.Thread(target=self._write_in_thread, args=(state, step, meta),
+                                        name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def _write_in_thread(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
+        try:
+            self.store.write(state, step, meta)
+        except BaseException as err:  # raised by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is finished; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        except Exception as err:
+            log.error("CHECKPOINT SAVE FAILED: %s", err)
+
+
+def load_state(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:
+    """Read and verify `url/state.pt` against `url/COMMITTED`; CheckpointError if it does not match."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        meta = json.loads(with_retries(lambda: fs.cat_file(join(path, MARKER)), f"reading {url}/{MARKER}", retries))
+    except FileNotFoundError:
+        raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER} marker)") from None
+    except ValueError as err:
+        raise CheckpointError(f"{url}/{MARKER} is unreadable: {err}") from None
+    try:
+        data = with_retries(lambda: fs.cat_file(join(path, STATE_FILE)), f"reading {url}/{STATE_FILE}", retries)
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}/{STATE_FILE} is missing") from None
+    if len(data) != meta.get("bytes"):
+        raise CheckpointError(
+            f"{url}/{STATE_FILE} is {len(data)} bytes, its marker says {meta.get('bytes')} (truncated)"
+        )
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise CheckpointError(f"{url}/{STATE_FILE} does not match the sha256 in its marker (corrupt)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{url}/{STATE_FILE} cannot be loaded: {err}") from None
+
+
+def read_meta(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    fs, path = filesystem(url, storage_options)
+    try:
+        return json.loads(fs.cat_file(join(path, MARKER)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER} marker)") from None
+
+
+def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A checkpoint directory as given, or the newest complete one under a checkpoint root."""
+    fs, path = filesystem(url, storage_options)
+    if fs.exists(join(path, MARKER)):
+        return url.rstrip("/")
+    found = CheckpointStore(url, storage_options).complete()
+    if not found:
+        raise CheckpointError(f"no complete checkpoint at or under {url}")
+    return found[-1].url
+
+
+def is_checkpoint(source: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `source` is a checkpoint directory or a root holding step directories."""
+    try:
+        fs, path = filesystem(source, storage_options)
+        if fs.exists(join(path, MARKER)):
+            return True
+        return fs.isdir(path) and any(_STEP_DIR.match(p.rstrip("/").rsplit("/", 1)[-1])
+                                      for p in fs.ls(path, detail=False))
+    except (OSError, StorageError):
+        return False

@@ -1,0 +1,58 @@
+"""`python -m gpt2.checkpoint list|inspect|export DIR_OR_URL [...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from gpt2.checkpoint import CheckpointError, CheckpointStore, read_meta, resolve_checkpoint
+from gpt2.storage import StorageError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt2.checkpoint",
+                                     description="List, inspect and export checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_list = sub.add_parser("list", help="complete checkpoints under a directory or URL")
+    p_list.add_argument("url")
+    p_inspect = sub.add_parser("inspect", help="step, tokens and config of one checkpoint (or the newest)")
+    p_inspect.add_argument("url")
+    p_export = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
+    p_export.add_argument("url")
+    p_export.add_argument("out_dir")
+    p_export.add_argument("--tokenizer-dir", default=None, help="copy encoder.json/vocab.bpe from here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.command == "list":
+            found = CheckpointStore(args.url).complete()
+            if not found:
+                print(f"no complete checkpoints under {args.url}")
+            for c in found:
+                print(f"{c.url}  step {c.step}  tokens {c.meta.get('tokens_seen', '?'):,}  "
+                      f"world {c.meta.get('world_size', '?')}  {c.meta.get('bytes', 0) / 1e6:.1f} MB")
+        elif args.command == "inspect":
+            url = resolve_checkpoint(args.url)
+            meta = read_meta(url)
+            config = meta.pop("config", {})
+            print(f"checkpoint {url}")
+            for k, v in meta.items():
+                print(f"  {k}: {v}")
+            print("config:")
+            print(json.dumps(config, indent=2))
+        else:
+            from gpt2.loading import load_model
+            from gpt2.model import export_hf
+
+            model, _ = load_model(args.url, tokenizer_dir=args.tokenizer_dir)
+            out = export_hf(model, args.out_dir, tokenizer_dir=args.tokenizer_dir)
+            print(f"exported {args.url} to {out} (transformers.GPT2LMHeadModel.from_pretrained('{out}'))")
+    except (CheckpointError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""What a run measures besides the training loss, and when: val loss, HellaSwag, samples."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+
+from gpt2 import hellaswag
+from gpt2.config import Config
+from gpt2.data import ValLoader
+from gpt2.distributed import Dist, all_reduce_sum
+from gpt2.metrics import MetricsLogger
+from gpt2.model import GPT
+from gpt2.sample import sample_texts
+from gpt2.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, loader: ValLoader, device: torch.device, rank: int, world_size: int,
+             autocast: AbstractContextManager | None = None) -> float:
+    """Mean loss over the fixed validation batches, split across ranks and all-reduced."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for k in loader.batch_ids(rank, world_size):
+        x, y = loader.batch(k, device)
+        with autocast or nullcontext():
+            _, loss = model(x, y)
+        sums += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+    model.train()
+    all_reduce_sum(sums)
+    return float(sums[0] / sums[1])
+
+
+class Evaluator:
+    """Runs each evaluation on its schedule (`eval.*_every`, and after the last step).
+
+    `model` is what trains (maybe compiled or DDP-wrapped) and gives the val loss; HellaSwag and
+    sampling use the plain module, whose varying input lengths compiled graphs dislike.
+    """
+
+    def __init__(self, cfg: Config, dist: Dist, model: torch.nn.Module, raw_model: GPT,
+                 val_loader: ValLoader | None, autocast: AbstractContextManager, metrics: MetricsLogger):
+        self.cfg, self.e, self.dist = cfg, cfg.eval, dist
+        self.model, self.raw_model, self.val_loader = model, raw_model, val_loader
+        self.autocast, self.metrics = autocast, metrics
+        self.tokenizer: Tokenizer | None = None
+        if self.e.sample_every or self.e.hellaswag_every:
+            # missing tokenizer files fail now, not at the first sample
+            self.tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
+        self._hellaswag_path: Path | None = None
+        self._hellaswag_unavailable = False
+
+    def run_due(self, step: int, last: bool = False) -> None:
+        """Every evaluation due at `step` (all of them when `last`)."""
+        e = self.e
+
+        def due(every: int) -> bool:
+            return bool(every) and (step % every == 0 or last)
+
+        if self.val_loader is not None and due(e.val_every):
+            self.val_loss(step)
+        if due(e.hellaswag_every) and self.hellaswag_path() is not None:
+            self.hellaswag(step)
+        if step > 0 and due(e.sample_every):
+            self.samples(step)
+
+    def val_loss(self, step: int) -> None:
+        loss = val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]
+                        self.dist.world_size, self.autocast)
+        self.metrics.info(f"step {step}: val loss {loss:.4f}")
+        self.metrics.scalars(step, {"val/loss": loss})
+
+    def hellaswag(self, step: int) -> None:
+        r = hellaswag.score(self.raw_model, self.tokenizer, self.hellaswag_path(),  # type: ignore[arg-type]
+                            self.dist.device, self.dist.rank, self.dist.world_size, self.e.hellaswag_limit,
+                            self.cfg.model.block_size, self.autocast)
+        self.metrics.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f}")
+        self.metrics.scalars(step, {"eval/hellaswag_acc_norm": r.acc_norm, "eval/hellaswag_acc": r.acc})
+
+    def samples(self, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        e = self.e
+        texts = sample_texts(self.raw_model, self.tokenizer, e.sample_prompt, e.num_samples,  # type: ignore[arg-type]
+                             e.sample_tokens, e.top_k, seed=self.cfg.train.seed + step, device=self.dist.device)
+        for i, t in enumerate(texts):
+            self.metrics.info(f"step {step} sample {i}: {t!r}")
+        self.metrics.text("samples", "\n\n".join(f"{i}: {t}" for i, t in enumerate(texts)), step)
+
+    def hellaswag_path(self) -> Path | None:
+        """The HellaSwag file, found (or downloaded) once; None, with one warning, when unavailable."""
+        if self._hellaswag_path is None and not self._hellaswag_unavailable:
+            try:
+                self._hellaswag_path = hellaswag.data_path(self.e.hellaswag_path)
+            except hellaswag.HellaSwagUnavailable as err:
+                self.metrics.info(f"WARNING: HellaSwag disabled for this run: {err}")
+                self._hellaswag_unavailable = True
+        return self._hellaswag_path
