@@ -34,7 +34,7 @@ COPY docker/constraints.txt /wheels/constraints.txt
 # The base's torch is pinned for pip, so that no resolution can ever replace it.
 RUN python3 -c "import torch; print('torch==' + torch.__version__)" > /wheels/torch-pin.txt \
     && python3 -m pip install --no-cache-dir -c /wheels/constraints.txt -c /wheels/torch-pin.txt \
-        "$(ls /wheels/gpt2-*.whl)[s3]" \
+        "$(ls /wheels/gpt2-*.whl)[s3,slurm]" \
     && python3 -c "import torch, gpt2.train; print('torch', torch.__version__)" \
     && rm -rf /wheels
 

@@ -171,14 +171,13 @@ class LoggingConfig:
 class LaunchConfig:
     """Settings shared by the SLURM and Kubernetes launchers."""
 
-    nodes: int = 1
-    gpus_per_node: int = 8
     # torchrun --max-restarts: worker failures survived in place before the job fails.
     max_restarts: int = 3
     # Requeues of a SLURM job (preemption or time limit) before we give up.
     max_requeues: int = 20
     # Seconds before the time limit at which SLURM sends the warning signal.
     signal_delay_s: int = 120
+    # The image `launch/k8s.py` runs unless --image is given.
     image: str = "ghcr.io/gpt2-cluster/gpt2:0.1.0"
     run_dir: str = "runs"
 

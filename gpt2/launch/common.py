@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
+from types import ModuleType
 
 from gpt2.config import Config, ConfigError, grad_accum_steps, load_config
 
@@ -22,6 +24,14 @@ _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[\w][\w.-]{0,127}|@sha256
 
 class LaunchError(ValueError):
     """Bad launcher input; the message says what to change. Nothing has been submitted."""
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import a launcher-only dependency, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LaunchError(f"this launcher needs the '{module}' package: pip install 'gpt2[{extra}]'") from None
 
 
 def load_trainer_config(config_path: str, overrides: list[str]) -> Config:

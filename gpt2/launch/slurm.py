@@ -32,6 +32,7 @@ from gpt2.launch.common import (
     check_world,
     fit_micro_batch,
     load_trainer_config,
+    require,
     split_overrides,
     torchrun_command,
 )
@@ -204,7 +205,7 @@ class TrainTask:
 
 
 def executor_for(p: Plan):
-    import submitit
+    submitit = require("submitit", "slurm")
 
     executor = submitit.SlurmExecutor(folder=str(p.folder / "%j"),
                                       max_num_timeout=p.executor_params["max_num_timeout"])
@@ -215,6 +216,7 @@ def executor_for(p: Plan):
 
 def dry_run_text(p: Plan) -> str:
     """The sbatch script submitit would write (built without a cluster) and the per-node command."""
+    require("submitit", "slurm")
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = p.folder / "%j"
