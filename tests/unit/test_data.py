@@ -1,124 +1,17 @@
-"""Preparation into shards and the step-addressed loader."""
+"""The step-addressed loader and its checks on the data it opens."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from conftest import shared_file
+from helpers.corpus import train_shards
 
 from gpt2.config import load_config
 from gpt2.data import Layout, TrainLoader, ValLoader, build_loaders
-from gpt2.prepare import prepare
-from gpt2.shards import DataError, Manifest, npy_bytes, open_split, read_manifest
+from gpt2.shards import DataError, Manifest, npy_bytes, open_split
 from gpt2.tokenizer import get_tokenizer
 
-
-def shakespeare_docs() -> list[str]:
-    text = shared_file("tinyshakespeare.txt").read_text()
-    return [d for d in text.split("\n\n") if d.strip()]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """tinyshakespeare as a .jsonl of documents (one per blank-line section)."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in shakespeare_docs()))
-    return path
-
-
-def cfg_for(corpus, out, bpe_dir, **extra):
-    overrides = [f"data.source={corpus}", f"data.dir={out}", "data.shard_tokens=50000", "data.val_tokens=30000",
-                 "tokenizer.name=gpt2", f"tokenizer.files_dir={bpe_dir}"] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config("configs/demo.yaml", overrides)
-
-
-def shard_bytes(out) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-@pytest.fixture(scope="module")
-def prepared(corpus, tmp_path_factory):
-    from conftest import SHARED_DATA
-
-    out = tmp_path_factory.mktemp("prepared") / "shards"
-    prepare(cfg_for(corpus, out, SHARED_DATA), workers=1, progress=False)
-    return out
-
-
-def test_token_count_and_shard_sizes_match_tiktoken(prepared, bpe_dir):
-    tok = get_tokenizer("gpt2", str(bpe_dir))
-    expected = sum(len(tok.encode(d)) + 1 for d in shakespeare_docs())  # +1: <|endoftext|> before each
-    manifest = read_manifest(str(prepared))
-    assert manifest.complete and manifest.documents == len(shakespeare_docs())
-    assert sum(s["tokens"] for s in manifest.shards) == expected
-    assert [s["split"] for s in manifest.shards][:2] == ["val", "train"]
-    assert manifest.shards[0]["tokens"] == 30000
-    assert all(s["tokens"] == 50000 for s in manifest.shards[1:-1]) and 0 < manifest.shards[-1]["tokens"] <= 50000
-    val = np.load(prepared / "val_000000.npy")
-    assert val.dtype == np.uint16 and val[0] == 50256
-    first_doc = tok.encode(shakespeare_docs()[0])
-    assert val[1:1 + len(first_doc)].tolist() == first_doc
-
-
-def test_two_workers_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
-    prepare(cfg_for(corpus, tmp_path / "two", bpe_dir), workers=2, progress=False)
-    assert shard_bytes(tmp_path / "two") == shard_bytes(prepared)
-
-
-def test_threads_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
-    prepare(cfg_for(corpus, tmp_path / "t", bpe_dir), workers=2, executor_kind="thread", progress=False)
-    assert shard_bytes(tmp_path / "t") == shard_bytes(prepared)
-
-
-class Killed(BaseException):
-    """Stands for the process dying: nothing in prepare() may catch it."""
-
-
-def test_restart_after_a_crash_resumes_without_redoing_shards(prepared, corpus, bpe_dir, tmp_path, monkeypatch):
-    import gpt2.prepare as prep
-
-    out = tmp_path / "restart"
-    real_write = prep.write_bytes
-    written: list[str] = []
-    crash = [True]
-
-    def crashing_write(fs, path, data):
-        if crash[0] and path.endswith(".npy") and len(written) == 3:
-            crash[0] = False
-            # die half-way through the 4th shard: a partial temporary file, never the shard itself
-            (out / ".train_000002.npy.tmp-dead").write_bytes(data[: len(data) // 2])
-            raise Killed("killed")
-        real_write(fs, path, data)
-        written.append(path.rsplit("/", 1)[-1])
-
-    monkeypatch.setattr(prep, "write_bytes", crashing_write)
-    with pytest.raises(Killed):
-        prepare(cfg_for(corpus, out, bpe_dir), workers=1, progress=False)
-    partial = read_manifest(str(out))
-    assert not partial.complete and len(partial.shards) == 3
-    with pytest.raises(DataError, match="only partly prepared"):
-        open_split(str(out), "train", get_tokenizer("gpt2", str(bpe_dir)).fingerprint)
-
-    written.clear()
-    summary = prepare(cfg_for(corpus, out, bpe_dir), workers=2, progress=False)
-    assert summary.skipped_shards == 3
-    assert "val_000000.npy" not in written and "train_000000.npy" not in written
-    (out / ".train_000002.npy.tmp-dead").unlink()
-    assert shard_bytes(out) == shard_bytes(prepared)
-
-
-def test_prepare_refuses_a_directory_prepared_differently(prepared, corpus, bpe_dir):
-    with pytest.raises(DataError, match="other settings"):
-        prepare(cfg_for(corpus, prepared, bpe_dir, **{"data.shard_tokens": 1234}), workers=1, progress=False)
-
-
 # ---- the loader -----------------------------------------------------------------------------------
-
-
-def train_shards(prepared, bpe_dir):
-    return open_split(str(prepared), "train", get_tokenizer("gpt2", str(bpe_dir)).fingerprint)
 
 
 def global_rows(shards, layout: Layout, step: int, shuffle=False) -> np.ndarray:
@@ -258,26 +151,3 @@ def test_missing_shard_file(prepared, tmp_path, bpe_dir):
     (d / "train_000002.npy").unlink()
     with pytest.raises(DataError, match=r"train_000002.npy listed in the manifest is missing"):
         build_loaders(loader_cfg(d, bpe_dir), 0, 1)
-
-
-# ---- object storage ------------------------------------------------------------------------------------
-
-
-def test_prepare_into_s3_and_read_back(s3_url, corpus, bpe_dir, prepared, tmp_path):
-    cfg = cfg_for(corpus, s3_url + "/shards", bpe_dir, **{"data.cache_dir": str(tmp_path / "cache")})
-    prepare(cfg, workers=2, progress=False)
-    cfg.eval.val_batches = 2
-    cfg.train.seq_len, cfg.train.micro_batch, cfg.train.total_batch_tokens = 64, 2, 64 * 8
-    remote, val = build_loaders(cfg, 0, 1)
-    local = TrainLoader(train_shards(prepared, bpe_dir), remote.layout, 0)
-    for step in (0, 7, 40):
-        assert np.array_equal(remote.rows(step, 1), local.rows(step, 1))
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir())  # fetched once into the cache
-    assert val is not None and val.batch(1)[0].shape == (2, 64)
-
-
-def test_bad_source_writes_nothing(tmp_path, bpe_dir):
-    out = tmp_path / "out"
-    with pytest.raises(DataError, match="matches no files"):
-        prepare(cfg_for(tmp_path / "nope" / "*.jsonl", out, bpe_dir), workers=1, progress=False)
-    assert not out.exists()

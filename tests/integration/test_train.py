@@ -11,8 +11,6 @@ from conftest import run_cli, shared_file
 from helpers.runs import losses, steps, train
 
 from gpt2 import hellaswag
-from gpt2.metrics import device_peak_flops, mfu
-from gpt2.model import flops_per_token
 from gpt2.tokenizer import ByteTokenizer
 
 
@@ -97,43 +95,6 @@ def test_hellaswag_same_counts_on_one_and_two_ranks(tmp_path):
     one = hellaswag.score(tiny_model(), ByteTokenizer(), path, torch.device("cpu"), limit=24, max_len=128)
     assert two == [one.total, one.correct, one.correct_norm]
     assert one.total == 24
-
-
-class FixedDistributionModel:
-    """A 'model' whose next-token distribution is the same everywhere: known losses per byte."""
-
-    probs = {ord(" "): 0.4, ord("a"): 0.4, ord("b"): 0.01, ord("c"): 0.1}
-
-    def __call__(self, tokens):
-        p = torch.full((257,), (1 - sum(self.probs.values())) / (257 - len(self.probs)))
-        for t, v in self.probs.items():
-            p[t] = v
-        return p.log().expand(tokens.size(0), tokens.size(1), 257), None
-
-
-def test_acc_norm_of_a_model_with_known_scores(tmp_path):
-    # losses: ' ' and a 0.92, b 4.61, c 2.30 nats. Ending 0 " aaaaaaaab" has the lowest mean loss
-    # (1.28/token) and ending 1 " c" the lowest sum (3.22): acc_norm picks 0, acc picks 1.
-    path = tmp_path / "hs.jsonl"
-    labels = [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
-    path.write_text("".join(json.dumps({"ctx": "ctx", "endings": ["aaaaaaaab", "c", "bb", "cc"], "label": y}) + "\n"
-                            for y in labels))
-    r = hellaswag.score(FixedDistributionModel(), ByteTokenizer(), path, torch.device("cpu"))
-    assert (r.total, r.correct_norm, r.correct) == (10, 7, 3)
-    assert r.acc_norm == 0.7 and r.acc == 0.3
-
-
-# ---- MFU ----------------------------------------------------------------------------------------------
-
-
-def test_mfu_formula_for_the_124m_config():
-    f = flops_per_token(124_439_808, n_layer=12, n_embd=768, seq_len=1024)
-    assert f == 6 * 124_439_808 + 6 * 12 * 768 * 1024 == 803_261_952
-    # 616k tokens/s on one H100 SXM (989.4 TFLOP/s bf16) is ~50% MFU
-    assert abs(mfu(616_000, f, 989.4e12, 1) - 0.5001) < 1e-3
-    assert abs(mfu(8 * 616_000, f, 989.4e12, 8) - 0.5001) < 1e-3
-    assert device_peak_flops(torch.device("cpu"), torch.float32) == (None, "cpu")
-    assert mfu(1000.0, f, None, 1) is None
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -14,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from helpers.parts import Part
 from helpers.runs import popen_train, steps, train
 
-from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, CheckpointStore, load_state
+from gpt2.checkpoint import MARKER, Checkpointer, CheckpointStore
 from gpt2.config import CheckpointConfig
 from gpt2.runtime import EXIT_PREEMPTED
 
@@ -147,101 +147,6 @@ def test_s3_outage_during_a_save_is_retried(tmp_path, s3_server, s3_url):
     assert time.time() - t0 > 2.0
     assert [c.step for c in ckpt.store.complete()] == [1]
     assert torch.equal(ckpt.store.load(ckpt.store.complete()[0].url)["model"]["w"], model.state["w"])
-
-
-# ---- the Checkpointer itself -------------------------------------------------------------------------
-
-
-class Part:
-    """A stand-in for a trainer part (model, optimizer, ...): anything with state_dict/load_state_dict."""
-
-    def __init__(self, state=None):
-        self.state = state or {}
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
-
-
-def small_state(step):
-    torch.manual_seed(step)
-    return {"model": {"w": torch.randn(8, 8)}, "progress": {"step": step}}
-
-
-def test_keep_last_k_and_partial_saves_are_cleaned_up(tmp_path):
-    store = CheckpointStore(str(tmp_path), keep=2)
-    (tmp_path / "step-00000003").mkdir()
-    (tmp_path / "step-00000003" / STATE_FILE).write_bytes(b"half a checkpoint")  # a crashed save
-    for step in (1, 2, 4, 5):
-        store.write(small_state(step), step, {"config": {}})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
-
-
-def checkpointer(directory, parts, **cfg):
-    return Checkpointer(CheckpointConfig(dir=str(directory), **cfg), parts=parts, describe=lambda s: {"config": {}})
-
-
-def test_async_save_matches_sync_save(tmp_path):
-    state = small_state(7)
-    a = checkpointer(tmp_path / "a", {"model": Part(state["model"])})
-    b = checkpointer(tmp_path / "b", {"model": Part(state["model"])})
-    a.save(7, blocking=True)
-    b.save(7, blocking=False)
-    state["model"]["w"].zero_()  # training goes on: the async save must have taken a copy
-    b.wait()
-    la, lb = load_state(str(tmp_path / "a" / "step-00000007")), load_state(str(tmp_path / "b" / "step-00000007"))
-    assert torch.equal(la["model"]["w"], lb["model"]["w"]) and la["model"]["w"].abs().sum() > 0
-
-
-def test_interval_and_resume_load_every_part(tmp_path):
-    model, progress = Part(), Part()
-    ck = checkpointer(tmp_path, {"model": model, "progress": progress}, every=2)
-    for step in (1, 2, 3):
-        model.state, progress.state = small_state(step)["model"], {"step": step}
-        ck.step_end(step)
-    assert [c.step for c in ck.store.complete()] == [2]  # only on the interval
-    fresh_model, fresh_progress = Part(), Part()
-    again = checkpointer(tmp_path, {"model": fresh_model, "progress": fresh_progress})
-    assert again.resume().endswith("step-00000002")
-    assert fresh_progress.state == {"step": 2}
-    assert torch.equal(fresh_model.state["w"], small_state(2)["model"]["w"])
-    assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
-
-
-def test_a_failed_periodic_save_is_logged_and_a_failed_final_save_is_fatal(tmp_path, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    ck = checkpointer(blocker / "ckpt", {"model": Part(small_state(1)["model"])}, every=1, retries=0)
-    with caplog.at_level(logging.ERROR):
-        ck.step_end(1)  # goes on
-    assert "CHECKPOINT SAVE FAILED" in caplog.text
-    with pytest.raises(CheckpointError, match="the final checkpoint could not be saved"):
-        ck.save_final(2, "final")
-
-
-@pytest.mark.parametrize("damage", ["corrupt", "truncate", "no-marker"])
-def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
-    store = CheckpointStore(str(tmp_path), keep=3)
-    for step in (1, 2):
-        store.write(small_state(step), step, {"config": {}})
-    state_file = tmp_path / "step-00000002" / STATE_FILE
-    data = bytearray(state_file.read_bytes())
-    if damage == "corrupt":
-        data[len(data) // 2] ^= 0xFF
-        state_file.write_bytes(bytes(data))
-    elif damage == "truncate":
-        state_file.write_bytes(bytes(data[:100]))
-    else:
-        (tmp_path / "step-00000002" / MARKER).unlink()
-    with caplog.at_level(logging.WARNING):
-        url, state = store.newest_loadable()
-    assert url.endswith("step-00000001") and state["progress"]["step"] == 1
-    if damage != "no-marker":
-        assert "skipping corrupt checkpoint" in caplog.text and "step-00000002" in caplog.text
-    with pytest.raises(CheckpointError):
-        load_state(str(tmp_path / "step-00000002"))
 
 
 def test_checkpoint_cli_list_inspect_export(tmp_path):

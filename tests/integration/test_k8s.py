@@ -21,6 +21,7 @@ from helpers.k8s_schema import validate_core, validate_pytorchjob, webhook_error
 from helpers.runs import steps
 
 from gpt2.launch import k8s
+from gpt2.launch import k8s_manifests as manifests
 from gpt2.launch.common import LaunchError
 
 
@@ -35,7 +36,7 @@ def load_docs(path: Path) -> list[dict]:
 
 
 def test_checked_in_manifests_are_exactly_what_the_renderer_produces(tmp_path):
-    k8s.write(k8s.render(k8s.Options()), tmp_path)
+    manifests.write(manifests.render(manifests.Options()), tmp_path)
     for name in sorted(os.listdir(tmp_path)):
         assert (REPO / "k8s" / name).read_text() == (tmp_path / name).read_text(), f"k8s/{name} drifted"
     assert sorted(os.listdir(REPO / "k8s")) == sorted(os.listdir(tmp_path))
@@ -122,9 +123,9 @@ def test_kustomize_builds_offline():
 
 
 def test_overrides_and_options_flow_into_the_job():
-    m = k8s.render(k8s.Options(nodes=4, min_nodes=2, max_nodes=4, gpus=4, image="reg.example/gpt2@sha256:" + "a" * 64,
-                               storage="s3://bucket/run", name="exp1", namespace="ml",
-                               overrides=["optim.lr=3e-4", "train.max_steps=100"]))
+    m = manifests.render(manifests.Options(
+        nodes=4, min_nodes=2, max_nodes=4, gpus=4, image="reg.example/gpt2@sha256:" + "a" * 64,
+        storage="s3://bucket/run", name="exp1", namespace="ml", overrides=["optim.lr=3e-4", "train.max_steps=100"]))
     job = m["pytorchjob.yaml"][0]
     args = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
     assert args[-2:] == ["optim.lr=3e-4", "train.max_steps=100"]
@@ -142,7 +143,7 @@ def test_overrides_and_options_flow_into_the_job():
 ])
 def test_bad_input_is_refused_with_a_clear_message(opts, message):
     with pytest.raises(LaunchError) as err:
-        k8s.render(k8s.Options(**opts))
+        manifests.render(manifests.Options(**opts))
     assert message in str(err.value)
 
 
@@ -215,7 +216,7 @@ JOBS = "/apis/kubeflow.org/v1/namespaces/ml/pytorchjobs"
 
 
 def test_create_sends_exactly_the_rendered_manifests(api):
-    m = k8s.render(k8s.Options(namespace="ml"))
+    m = manifests.render(manifests.Options(namespace="ml"))
     k8s.create(m, api.client, "ml")
     posts = [(path, body) for method, path, body in api.requests if method == "POST"]
     assert [p for p, _ in posts] == ["/api/v1/namespaces/ml/persistentvolumeclaims",
@@ -228,7 +229,7 @@ def test_create_sends_exactly_the_rendered_manifests(api):
 def test_api_error_on_the_job_rolls_back_the_companions(api, status):
     api.fail[("POST", JOBS)] = (status, f'pytorchjobs.kubeflow.org "gpt2-124m" is {status}')
     with pytest.raises(LaunchError) as err:
-        k8s.create(k8s.render(k8s.Options(namespace="ml")), api.client, "ml")
+        k8s.create(manifests.render(manifests.Options(namespace="ml")), api.client, "ml")
     assert f"creating PyTorchJob ml/gpt2-124m failed: {status}" in str(err.value)
     assert f'"gpt2-124m" is {status}' in str(err.value)
     rolled = "rolled back: Service/gpt2-tensorboard, Deployment/gpt2-tensorboard, PersistentVolumeClaim/gpt2-runs"
@@ -243,7 +244,7 @@ def test_existing_pvc_is_reused_not_rolled_back(api):
     api.fail[("POST", "/api/v1/namespaces/ml/persistentvolumeclaims")] = (409, "exists")
     api.fail[("POST", JOBS)] = (422, "spec.nprocPerNode: Invalid value")
     with pytest.raises(LaunchError, match="Invalid value"):
-        k8s.create(k8s.render(k8s.Options(namespace="ml")), api.client, "ml")
+        k8s.create(manifests.render(manifests.Options(namespace="ml")), api.client, "ml")
     deletes = [path for method, path, _ in api.requests if method == "DELETE"]
     assert "/api/v1/namespaces/ml/persistentvolumeclaims/gpt2-runs" not in deletes and len(deletes) == 2
 
@@ -261,7 +262,7 @@ def pod_env(tmp: Path, port: int) -> dict[str, str]:
 
 
 def start_pod(tmp: Path, name: str, port: int, extra: dict) -> subprocess.Popen:
-    m = k8s.render(k8s.Options(config="configs/demo.yaml", gpus=0, nodes=2, min_nodes=1, max_nodes=2,
+    m = manifests.render(manifests.Options(config="configs/demo.yaml", gpus=0, nodes=2, min_nodes=1, max_nodes=2,
                                overrides=tiny_overrides(tmp, **extra)))
     c = m["pytorchjob.yaml"][0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     args = [a for a in c["args"] if not a.startswith(("data.dir=runs", "checkpoint.dir=runs", "logging.dir=runs",

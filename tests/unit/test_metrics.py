@@ -1,0 +1,58 @@
+"""MFU (the FLOP count and the device peaks) and the metrics logger's channels."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
+from gpt2.model import flops_per_token
+
+# ---- MFU ----------------------------------------------------------------------------------------------
+
+
+def test_mfu_formula_for_the_124m_config():
+    f = flops_per_token(124_439_808, n_layer=12, n_embd=768, seq_len=1024)
+    assert f == 6 * 124_439_808 + 6 * 12 * 768 * 1024 == 803_261_952
+    # 616k tokens/s on one H100 SXM (989.4 TFLOP/s bf16) is ~50% MFU
+    assert abs(mfu(616_000, f, 989.4e12, 1) - 0.5001) < 1e-3
+    assert abs(mfu(8 * 616_000, f, 989.4e12, 8) - 0.5001) < 1e-3
+    assert device_peak_flops(torch.device("cpu"), torch.float32) == (None, "cpu")
+    assert mfu(1000.0, f, None, 1) is None
+
+
+# ---- the metrics logger --------------------------------------------------------------------------------
+
+
+def record(step: int, loss: float = 3.0) -> StepRecord:
+    return StepRecord(step, loss, 1e-3, 0.5, 100.0, 1000.0, None, 42, 1)
+
+
+def test_logger_writes_jsonl_tensorboard_and_the_console_line(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = MetricsLogger(str(tmp_path), enabled=True, max_steps=4, log_every=2)
+    for s in range(4):
+        m.step(record(s, loss=3.0 - s / 10))
+    m.scalars(3, {"val/loss": 2.5, "missing": None})
+    m.text("samples", "hello", 3)
+    m.close()
+    lines = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2, 3] and lines[1]["loss"] == 2.9  # full precision
+    console = capsys.readouterr().out
+    assert "step      0/4 | loss 3.000000" in console and "step      2/4" in console
+    assert "step      3/4" in console and "step      1/4" not in console  # every 2 steps, and the last
+    ea = EventAccumulator(str(tmp_path))
+    ea.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "val/loss"} <= set(ea.Tags()["scalars"])
+    assert "missing" not in ea.Tags()["scalars"] and "perf/mfu" not in ea.Tags()["scalars"]
+
+
+def test_logger_off_rank_0_writes_nothing(tmp_path, capsys):
+    m = MetricsLogger(str(tmp_path / "tb"), enabled=False, max_steps=4)
+    m.info("hello")
+    m.step(record(0))
+    m.scalars(0, {"x": 1.0})
+    m.close()
+    assert not (tmp_path / "tb").exists() and capsys.readouterr().out == ""

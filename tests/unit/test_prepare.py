@@ -1,0 +1,90 @@
+"""Preparation into uint16 shards: token counts, workers, restart after a crash, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import shared_file
+from helpers.corpus import cfg_for, shakespeare_docs, shard_bytes
+
+from gpt2.prepare import prepare
+from gpt2.shards import DataError, open_split, read_manifest
+from gpt2.tokenizer import get_tokenizer
+
+
+def docs() -> list[str]:
+    return shakespeare_docs(shared_file("tinyshakespeare.txt").read_text())
+
+
+def test_token_count_and_shard_sizes_match_tiktoken(prepared, bpe_dir):
+    tok = get_tokenizer("gpt2", str(bpe_dir))
+    expected = sum(len(tok.encode(d)) + 1 for d in docs())  # +1: <|endoftext|> before each
+    manifest = read_manifest(str(prepared))
+    assert manifest.complete and manifest.documents == len(docs())
+    assert sum(s["tokens"] for s in manifest.shards) == expected
+    assert [s["split"] for s in manifest.shards][:2] == ["val", "train"]
+    assert manifest.shards[0]["tokens"] == 30000
+    assert all(s["tokens"] == 50000 for s in manifest.shards[1:-1]) and 0 < manifest.shards[-1]["tokens"] <= 50000
+    val = np.load(prepared / "val_000000.npy")
+    assert val.dtype == np.uint16 and val[0] == 50256
+    first_doc = tok.encode(docs()[0])
+    assert val[1:1 + len(first_doc)].tolist() == first_doc
+
+
+def test_two_workers_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
+    prepare(cfg_for(corpus, tmp_path / "two", bpe_dir), workers=2, progress=False)
+    assert shard_bytes(tmp_path / "two") == shard_bytes(prepared)
+
+
+def test_threads_write_the_same_bytes(prepared, corpus, bpe_dir, tmp_path):
+    prepare(cfg_for(corpus, tmp_path / "t", bpe_dir), workers=2, executor_kind="thread", progress=False)
+    assert shard_bytes(tmp_path / "t") == shard_bytes(prepared)
+
+
+class Killed(BaseException):
+    """Stands for the process dying: nothing in prepare() may catch it."""
+
+
+def test_restart_after_a_crash_resumes_without_redoing_shards(prepared, corpus, bpe_dir, tmp_path, monkeypatch):
+    import gpt2.prepare as prep
+
+    out = tmp_path / "restart"
+    real_write = prep.write_bytes
+    written: list[str] = []
+    crash = [True]
+
+    def crashing_write(fs, path, data):
+        if crash[0] and path.endswith(".npy") and len(written) == 3:
+            crash[0] = False
+            # die half-way through the 4th shard: a partial temporary file, never the shard itself
+            (out / ".train_000002.npy.tmp-dead").write_bytes(data[: len(data) // 2])
+            raise Killed("killed")
+        real_write(fs, path, data)
+        written.append(path.rsplit("/", 1)[-1])
+
+    monkeypatch.setattr(prep, "write_bytes", crashing_write)
+    with pytest.raises(Killed):
+        prepare(cfg_for(corpus, out, bpe_dir), workers=1, progress=False)
+    partial = read_manifest(str(out))
+    assert not partial.complete and len(partial.shards) == 3
+    with pytest.raises(DataError, match="only partly prepared"):
+        open_split(str(out), "train", get_tokenizer("gpt2", str(bpe_dir)).fingerprint)
+
+    written.clear()
+    summary = prepare(cfg_for(corpus, out, bpe_dir), workers=2, progress=False)
+    assert summary.skipped_shards == 3
+    assert "val_000000.npy" not in written and "train_000000.npy" not in written
+    (out / ".train_000002.npy.tmp-dead").unlink()
+    assert shard_bytes(out) == shard_bytes(prepared)
+
+
+def test_prepare_refuses_a_directory_prepared_differently(prepared, corpus, bpe_dir):
+    with pytest.raises(DataError, match="other settings"):
+        prepare(cfg_for(corpus, prepared, bpe_dir, **{"data.shard_tokens": 1234}), workers=1, progress=False)
+
+
+def test_bad_source_writes_nothing(tmp_path, bpe_dir):
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="matches no files"):
+        prepare(cfg_for(tmp_path / "nope" / "*.jsonl", out, bpe_dir), workers=1, progress=False)
+    assert not out.exists()

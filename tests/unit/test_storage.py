@@ -1,0 +1,48 @@
+"""Retries of transient storage errors, and atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt2.storage import StorageError, filesystem, with_retries, write_bytes
+
+
+def test_transient_errors_are_retried_then_succeed():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    assert with_retries(flaky, "reading x", retries=3, base_delay=0.001) == "ok"
+    assert len(calls) == 3
+
+
+def test_giving_up_names_the_operation_and_the_attempts():
+    def down():
+        raise TimeoutError("no answer")
+
+    with pytest.raises(StorageError, match=r"writing s3://b/k failed after 3 attempts: TimeoutError: no answer"):
+        with_retries(down, "writing s3://b/k", retries=2, base_delay=0.001)
+
+
+def test_missing_files_are_not_retried():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "reading x", retries=5, base_delay=0.001)
+    assert len(calls) == 1
+
+
+def test_local_writes_leave_no_temporary_files(tmp_path):
+    fs, root = filesystem(str(tmp_path))
+    write_bytes(fs, f"{root}/sub/file.bin", b"abc")
+    write_bytes(fs, f"{root}/sub/file.bin", b"defg")
+    assert (tmp_path / "sub" / "file.bin").read_bytes() == b"defg"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["file.bin"]
