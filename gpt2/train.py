@@ -126,7 +126,7 @@ class Trainer:
             "config": to_dict(self.cfg, redact=True),
         }
 
-    def run(self) -> int:
+    def fit(self) -> int:
         """Train from the resumed step to train.max_steps, or to a stop; returns the exit code."""
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
         if self.progress.step >= max_steps:
@@ -221,7 +221,7 @@ def run(cfg: Config) -> int:
         ensure_data(cfg, dist.is_main)
         distributed.barrier()
         trainer = Trainer(cfg, dist)
-        code = trainer.run()
+        code = trainer.fit()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 from types import ModuleType
 
 from gpt2.config import Config, ConfigError, grad_accum_steps, load_config
@@ -41,35 +40,31 @@ def load_trainer_config(config_path: str, overrides: list[str]) -> Config:
         raise LaunchError(f"config error: {err}") from None
 
 
-def fit_micro_batch(cfg: Config, overrides: list[str], world_sizes: list[int]) -> list[str]:
-    """Overrides that keep the global batch exact at every world size in `world_sizes`.
+def fit_micro_batch(cfg: Config, overrides: list[str], world_sizes: list[int], what: str = ""
+                    ) -> tuple[list[str], str | None]:
+    """Overrides that keep the global batch exact at every world size in `world_sizes`, and a note.
 
     If the config's micro-batch does not divide the batch at some world size (2 x 8 GPUs with the
-    seed's 4 x 1024 and 491,520 tokens), and the user did not set train.micro_batch, add the largest
-    micro-batch that works everywhere as a visible override. An explicit choice is checked as given.
+    seed's 4 x 1024 and 491,520 tokens) and the user did not set train.micro_batch, the largest
+    smaller micro-batch that works everywhere is added as a visible override (the note says so).
+    An explicit choice is checked as given. LaunchError when nothing fits.
     """
-    if any(o.startswith("train.micro_batch=") for o in overrides):
-        return overrides
     t = cfg.train
-    for mb in range(t.micro_batch, 0, -1):
+    explicit = any(o.startswith("train.micro_batch=") for o in overrides)
+    candidates = [t.micro_batch] if explicit else range(t.micro_batch, 0, -1)
+    for mb in candidates:
         if all(t.total_batch_tokens % (mb * t.seq_len * w) == 0 for w in world_sizes):
-            if mb != t.micro_batch:
-                print(f"note: train.micro_batch={mb} (not {t.micro_batch}) keeps train.total_batch_tokens="
-                      f"{t.total_batch_tokens} exact at world size(s) {world_sizes}", file=sys.stderr)
-                cfg.train.micro_batch = mb
-                return [f"train.micro_batch={mb}", *overrides]
-            return overrides
-    return overrides
-
-
-def check_world(cfg: Config, nodes: int, procs_per_node: int, what: str = "") -> None:
-    """The global batch must split evenly over every world size the job may run at."""
+            if mb == t.micro_batch:
+                return overrides, None
+            return [f"train.micro_batch={mb}", *overrides], (
+                f"note: train.micro_batch={mb} (not {t.micro_batch}) keeps train.total_batch_tokens="
+                f"{t.total_batch_tokens} exact at world size(s) {world_sizes}")
+    bad = next(w for w in world_sizes if t.total_batch_tokens % (t.micro_batch * t.seq_len * w))
     try:
-        t = cfg.train
-        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, nodes * procs_per_node)
+        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, bad)
     except ConfigError as err:
-        raise LaunchError(f"{what}{nodes} node(s) x {procs_per_node} process(es) cannot keep the global batch: {err}"
-                          ) from None
+        raise LaunchError(f"{what}world size {bad} cannot keep the global batch: {err}") from None
+    raise AssertionError("unreachable")
 
 
 def check_image(image: str) -> None:
@@ -98,8 +93,8 @@ def torchrun_command(config_path: str, overrides: list[str], *, nproc_per_node: 
     return [*cmd, "-m", "gpt2.train", config_path, *overrides]
 
 
-def split_overrides(args: list[str]) -> list[str]:
-    """Trainer overrides are passed through unchanged; they must look like key=value."""
+def check_overrides(args: list[str]) -> list[str]:
+    """Trainer overrides are passed through unchanged; LaunchError unless each looks like key=value."""
     for a in args:
         if "=" not in a or a.startswith("-"):
             raise LaunchError(f"unexpected argument '{a}': trainer overrides are key=value (e.g. train.max_steps=100)")

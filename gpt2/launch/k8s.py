@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt2.launch.common import LaunchError, require, split_overrides
+from gpt2.launch.common import LaunchError, check_overrides, require
 from gpt2.launch.k8s_manifests import JOB_LABEL, PVC_NAME, TENSORBOARD, Options, render, to_yaml, write
 
 # ---- talking to the API server --------------------------------------------------------------------
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(config=args.config, nodes=args.nodes, min_nodes=args.min_nodes, max_nodes=args.max_nodes,
                        gpus=args.gpus, image=args.image, storage=args.storage, pvc_size=args.pvc_size,
                        storage_class=args.storage_class, name=args.name, namespace=args.namespace,
-                       overrides=split_overrides(args.overrides))
+                       overrides=check_overrides(args.overrides))
         manifests = render(opts)
         if args.command == "render":
             write(manifests, Path(args.out))

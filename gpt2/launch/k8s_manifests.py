@@ -7,6 +7,7 @@ Targets the Kubeflow Training Operator v1.9.x (`kubeflow.org/v1` PyTorchJob, ela
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from gpt2.launch.common import (
     TRAINER_ENV,
     LaunchError,
     check_image,
-    check_world,
     fit_micro_batch,
     load_trainer_config,
     torchrun_command,
@@ -82,9 +82,9 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
                           f"--max-nodes ({max_nodes})")
     procs = max(opts.gpus, 1)
     world_sizes = [n * procs for n in range(opts.min_nodes, max_nodes + 1)]
-    user_overrides = fit_micro_batch(cfg, opts.overrides, world_sizes)
-    for n in range(opts.min_nodes, max_nodes + 1):
-        check_world(cfg, n, procs, what=f"with --gpus {opts.gpus}: ")
+    user_overrides, note = fit_micro_batch(cfg, opts.overrides, world_sizes, what=f"with --gpus {opts.gpus}: ")
+    if note:
+        print(note, file=sys.stderr)
     image = opts.image or cfg.launch.image
     check_image(image)
     job = opts.name or cfg.name

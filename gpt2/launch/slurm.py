@@ -29,11 +29,10 @@ from gpt2.launch.common import (
     TRAINER_ENV,
     LaunchError,
     check_image,
-    check_world,
+    check_overrides,
     fit_micro_batch,
     load_trainer_config,
     require,
-    split_overrides,
     torchrun_command,
 )
 
@@ -101,8 +100,9 @@ def plan(opts: Options) -> Plan:
         raise LaunchError("--nodes must be >= 1 and --gpus >= 0")
     cfg = load_trainer_config(opts.config, opts.overrides)
     procs = max(opts.gpus, 1)
-    overrides = fit_micro_batch(cfg, opts.overrides, [opts.nodes * procs])
-    check_world(cfg, opts.nodes, procs, what=f"--gpus {opts.gpus}: ")
+    overrides, note = fit_micro_batch(cfg, opts.overrides, [opts.nodes * procs], what=f"--gpus {opts.gpus}: ")
+    if note:
+        print(note, file=sys.stderr)
     if opts.container_image:
         check_image(opts.container_image)
     name = opts.name or cfg.name
@@ -288,7 +288,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     a.add_argument("overrides", nargs="*", help="trainer config overrides key=value")
     args = a.parse_args(argv)
     opts = Options(**{k: v for k, v in vars(args).items() if k not in ("dry_run", "follow", "overrides")},
-                   overrides=split_overrides(args.overrides))
+                   overrides=check_overrides(args.overrides))
     return opts, args
 
 
