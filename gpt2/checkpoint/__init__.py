@@ -204,8 +204,8 @@ class Checkpointer:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails."""
         try:
             self.wait()
-        except Exception:
-            pass  # already logged; this save supersedes it
+        except Exception as err:  # this save supersedes the failed one
+            log.error("CHECKPOINT SAVE FAILED: %s", err)
         try:
             self.save(step, blocking=True)
         except Exception as err:
