@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+# A checkpoint found corrupt is moved aside, never deleted: step-00000500.corrupt-1764000000
+_QUARANTINED = re.compile(r"^step-(\d{8})\.corrupt-\d+$")
 
 
 class CheckpointError(RuntimeError):
@@ -82,17 +84,24 @@ class CheckpointStore:
         self.fs, self.root = filesystem(self.url, self.storage_options)
         self.retries, self.keep = retries, keep
 
-    def _step_dirs(self) -> list[tuple[int, str]]:
+    def _entries(self, pattern: re.Pattern) -> list[tuple[int, str]]:
         try:
             entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}", self.retries)
         except FileNotFoundError:
             return []
         out = []
         for path in entries:
-            m = _STEP_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+            m = pattern.match(path.rstrip("/").rsplit("/", 1)[-1])
             if m:
                 out.append((int(m.group(1)), path.rstrip("/")))
         return sorted(out)
+
+    def _step_dirs(self) -> list[tuple[int, str]]:
+        return self._entries(_STEP_DIR)
+
+    def quarantined(self) -> list[str]:
+        """Checkpoints moved aside as corrupt (kept for inspection or repair; never deleted by us)."""
+        return [self._url_of(path) for _, path in self._entries(_QUARANTINED)]
 
     def _url_of(self, path: str) -> str:
         return f"{self.url}/{path.rstrip('/').rsplit('/', 1)[-1]}"
@@ -105,6 +114,8 @@ class CheckpointStore:
             if self.fs.exists(marker):
                 try:
                     meta = json.loads(self.fs.cat_file(marker))
+                    if not isinstance(meta, dict):
+                        raise ValueError("not a JSON object")
                 except (ValueError, OSError) as err:
                     log.warning("ignoring %s: unreadable commit marker (%s)", marker, err)
                     continue
@@ -147,13 +158,33 @@ class CheckpointStore:
         return load_state(url, self.storage_options, self.retries)
 
     def newest_loadable(self) -> tuple[str, dict[str, Any]] | None:
-        """The newest checkpoint that loads; a corrupt one is skipped with a warning naming it."""
-        for info in reversed(self.complete()):
+        """The newest checkpoint that loads. A corrupt one is moved aside (so that it neither counts
+        for keep-last-k nor blocks a new save at its step) and the previous one is tried. None when
+        there is no checkpoint; CheckpointError when there are only corrupt ones, now or from before:
+        starting over must be asked for (checkpoint.resume=never), never happen silently."""
+        for _, path in reversed(self._step_dirs()):
+            if not self.fs.exists(join(path, MARKER)):
+                continue  # a save that did not finish
+            url = self._url_of(path)
             try:
-                return info.url, self.load(info.url)
+                return url, self.load(url)
             except CheckpointError as err:
-                log.warning("WARNING: skipping corrupt checkpoint %s: %s; trying the previous one", info.url, err)
+                moved = self.quarantine(path)
+                log.warning("WARNING: checkpoint %s is corrupt (%s); moved it to %s and trying the previous one",
+                            url, err, moved)
+        if self.quarantined():
+            raise CheckpointError(
+                f"no loadable checkpoint under {self.url}: the ones there are corrupt and were moved aside "
+                f"({', '.join(self.quarantined())}). Training would start over from step 0; if that is what you "
+                "want, run with checkpoint.resume=never (or another checkpoint.dir); to resume from a copy, "
+                "set checkpoint.resume=PATH_TO_A_CHECKPOINT")
         return None
+
+    def quarantine(self, path: str) -> str:
+        """Move a checkpoint directory aside as corrupt; returns its new URL."""
+        dest = f"{path}.corrupt-{int(time.time())}"
+        with_retries(lambda: self.fs.mv(path, dest, recursive=True), f"moving {path} aside", self.retries)
+        return self._url_of(dest)
 
 
 class Checkpointer:
@@ -180,7 +211,15 @@ class Checkpointer:
             return None
         state = found[1] if found else self.store.load(target)  # type: ignore[arg-type]
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            try:
+                part.load_state_dict(state[name])
+            except (KeyError, RuntimeError, ValueError) as err:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else f"no '{name}' entry"
+                raise CheckpointError(
+                    f"{target} does not fit this run's {name} ({detail}): it was written by a run with another "
+                    "configuration (e.g. another model size). Resume with the config it was written with "
+                    "(python -m gpt2.checkpoint inspect shows it), or start apart with another checkpoint.dir"
+                ) from None
         return target  # type: ignore[return-value]
 
     def _pick(self) -> tuple[str, dict[str, Any]] | None:
@@ -251,12 +290,7 @@ class Checkpointer:
 def load_state(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:
     """Read and verify `url/state.pt` against `url/COMMITTED`; CheckpointError if it does not match."""
     fs, path = filesystem(url, storage_options)
-    try:
-        meta = json.loads(with_retries(lambda: fs.cat_file(join(path, MARKER)), f"reading {url}/{MARKER}", retries))
-    except FileNotFoundError:
-        raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER} marker)") from None
-    except ValueError as err:
-        raise CheckpointError(f"{url}/{MARKER} is unreadable: {err}") from None
+    meta = read_meta(url, storage_options, retries)
     try:
         data = with_retries(lambda: fs.cat_file(join(path, STATE_FILE)), f"reading {url}/{STATE_FILE}", retries)
     except FileNotFoundError:
@@ -270,15 +304,24 @@ def load_state(url: str, storage_options: dict[str, Any] | None = None, retries:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{url}/{STATE_FILE} cannot be loaded: {err}") from None
+        # torch's message advises weights_only=False, i.e. running code from the file: never pass that on
+        reason = str(err).splitlines()[0] if "weights_only" not in str(err) else "it holds objects other than tensors"
+        raise CheckpointError(f"{url}/{STATE_FILE} cannot be loaded safely: {reason}. Only checkpoints written "
+                              "by this trainer are loaded; do not load files from untrusted sources") from None
 
 
-def read_meta(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_meta(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:
+    """The commit marker of a checkpoint directory; CheckpointError if it is missing or not a JSON object."""
     fs, path = filesystem(url, storage_options)
     try:
-        return json.loads(fs.cat_file(join(path, MARKER)))
+        meta = json.loads(with_retries(lambda: fs.cat_file(join(path, MARKER)), f"reading {url}/{MARKER}", retries))
     except FileNotFoundError:
         raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER} marker)") from None
+    except ValueError as err:
+        raise CheckpointError(f"{url}/{MARKER} is unreadable: {err}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{url}/{MARKER} is not a JSON object (corrupt)")
+    return meta
 
 
 def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -16,7 +16,7 @@ from conftest import run_cli
 from helpers.parts import Part
 from helpers.runs import popen_train, steps, train
 
-from gpt2.checkpoint import MARKER, Checkpointer, CheckpointStore
+from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointStore, load_state
 from gpt2.config import CheckpointConfig
 from gpt2.runtime import EXIT_PREEMPTED
 
@@ -169,3 +169,37 @@ def test_checkpoint_cli_list_inspect_export(tmp_path):
         assert (ours.eval()(x)[0] - hf(x).logits).abs().max() <= 1e-5
     bad = run_cli(["-m", "gpt2.checkpoint", "inspect", str(tmp_path / "nothing")])
     assert bad.returncode == 1 and "no complete checkpoint" in bad.stderr
+
+
+# ---- corrupt checkpoints in a real run (issue: fault tolerance) ----------------------------------------
+
+
+def truncate(ckpt: Path, step: int) -> None:
+    state = ckpt / f"step-{step:08d}" / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_good_ones_are_kept(tmp_path):
+    r = train(tmp_path, extra={"train.max_steps": 4, "checkpoint.every": 2})
+    assert r.returncode == 0, r.stderr
+    truncate(tmp_path / "ckpt", 4)
+    r = train(tmp_path, extra={"train.max_steps": 6, "checkpoint.every": 2})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "step-00000004 is corrupt" in r.stderr and "resumed from" in r.stdout and "step-00000002" in r.stdout
+    listing = run_cli(["-m", "gpt2.checkpoint", "list", str(tmp_path / "ckpt")]).stdout
+    assert "step 4 " in listing and "step 6 " in listing, listing
+    for step in (4, 6):  # both load: the save at step 4 was written again
+        assert load_state(str(tmp_path / "ckpt" / f"step-{step:08d}"))["progress"]["step"] == step
+    assert len(list((tmp_path / "ckpt").glob("step-00000004.corrupt-*"))) == 1
+
+
+def test_only_corrupt_checkpoints_fail_the_run_until_told_to_start_over(tmp_path):
+    r = train(tmp_path, extra={"train.max_steps": 4, "checkpoint.every": 2})
+    assert r.returncode == 0, r.stderr
+    truncate(tmp_path / "ckpt", 2), truncate(tmp_path / "ckpt", 4)
+    for _ in range(2):
+        r = train(tmp_path, extra={"train.max_steps": 6})
+        assert r.returncode == 1 and "no loadable checkpoint" in r.stderr and "checkpoint.resume=never" in r.stderr
+        assert "Traceback" not in r.stderr and "starting from scratch" not in r.stdout
+    r = train(tmp_path, extra={"train.max_steps": 6, "checkpoint.resume": "never"})
+    assert r.returncode == 0 and "starting from scratch" in r.stdout, r.stdout + r.stderr

@@ -87,7 +87,70 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, d
     with caplog.at_level(logging.WARNING):
         url, state = store.newest_loadable()
     assert url.endswith("step-00000001") and state["progress"]["step"] == 1
-    if damage != "no-marker":
-        assert "skipping corrupt checkpoint" in caplog.text and "step-00000002" in caplog.text
-    with pytest.raises(CheckpointError):
-        load_state(str(tmp_path / "step-00000002"))
+    if damage == "no-marker":  # an unfinished save: left for the next save's clean-up
+        assert (tmp_path / "step-00000002").is_dir() and store.quarantined() == []
+    else:  # moved aside, not deleted
+        assert "step-00000002 is corrupt" in caplog.text and "moved it to" in caplog.text
+        assert not (tmp_path / "step-00000002").exists()
+        assert [u.rsplit("/", 1)[-1].split(".")[0] for u in store.quarantined()] == ["step-00000002"]
+        with pytest.raises(CheckpointError):
+            load_state(store.quarantined()[0])
+
+
+def damage(directory, step):
+    state_file = directory / f"step-{step:08d}" / STATE_FILE
+    state_file.write_bytes(state_file.read_bytes()[:100])
+
+
+def test_a_corrupt_checkpoint_neither_counts_for_keep_nor_blocks_a_new_save_at_its_step(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    for step in (2, 4):
+        store.write(small_state(step), step, {"config": {}})
+    damage(tmp_path, 4)
+    url, _ = store.newest_loadable()
+    assert url.endswith("step-00000002")
+    for step in (4, 6):  # training goes on from step 2 and saves again
+        store.write(small_state(step), step, {"config": {}})
+    assert [c.step for c in store.complete()] == [4, 6]
+    assert all(store.load(c.url)["progress"]["step"] == c.step for c in store.complete())
+    assert len(store.quarantined()) == 1  # the corrupt one is kept for inspection
+
+
+def test_only_corrupt_checkpoints_stop_the_run_instead_of_starting_over(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    for step in (2, 4):
+        store.write(small_state(step), step, {"config": {}})
+    damage(tmp_path, 2), damage(tmp_path, 4)
+    for _ in range(2):  # and again on the next start, when they have already been moved aside
+        with pytest.raises(CheckpointError, match="checkpoint.resume=never"):
+            store.newest_loadable()
+    assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
+
+
+def test_a_marker_that_is_not_a_json_object_is_corrupt(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    store.write(small_state(1), 1, {"config": {}})
+    (tmp_path / "step-00000001" / MARKER).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        load_state(str(tmp_path / "step-00000001"))
+    with pytest.raises(CheckpointError, match="moved aside"):
+        store.newest_loadable()
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_without_advising_to_run_it(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    store.write({"model": {"w": torch.zeros(2)}, "extra": Payload()}, 1, {"config": {}})
+    with pytest.raises(CheckpointError) as err:
+        load_state(str(tmp_path / "step-00000001"))
+    assert "cannot be loaded safely" in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def test_a_checkpoint_of_another_model_shape_says_so(tmp_path):
+    checkpointer(tmp_path, {"model": torch.nn.Linear(4, 4)}).save(1, blocking=True)
+    with pytest.raises(CheckpointError, match="does not fit this run's model.*another model size"):
+        checkpointer(tmp_path, {"model": torch.nn.Linear(8, 8)}).resume()
