@@ -105,6 +105,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Fused AdamW kernel where the device supports it.
     fused: bool = True
+    # Updates with a NaN/inf gradient norm are skipped; this many in a row stop the run (exit 3).
+    max_skipped_steps: int = 3
 
 
 @dataclass

@@ -1,13 +1,21 @@
-"""AdamW with decay only on >= 2-D weights, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay only on >= 2-D weights, the warmup + cosine learning-rate schedule, and the
+guard that skips non-finite updates and stops a diverging run."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 
 import torch
 
 from gpt2.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The gradient norm stayed NaN or infinite: training cannot go on from here."""
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
@@ -33,3 +41,32 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class NonFiniteGuard:
+    """Decides, from the global gradient norm, whether an optimizer step may update the weights.
+
+    A NaN or infinite norm skips the update (the weights stay as they were, as with a loss scaler),
+    so no NaN ever reaches the weights or a checkpoint; `limit` such steps in a row raise
+    TrainingDiverged. The norm is the same on every rank after DDP's all-reduce, so every rank
+    decides the same.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.skipped: list[int] = []
+
+    def allows(self, step: int, grad_norm: float) -> bool:
+        if math.isfinite(grad_norm):
+            self.skipped = []
+            return True
+        self.skipped.append(step)
+        if len(self.skipped) >= self.limit:
+            raise TrainingDiverged(
+                f"training diverged: the gradient norm was {grad_norm} at {len(self.skipped)} steps in a row "
+                f"(steps {self.skipped[0]}-{step}; their updates were skipped, so the weights and checkpoints hold "
+                "no NaN). Lower optim.lr, check optim.eps and optim.grad_clip, then resume from the last "
+                "checkpoint (or start over with checkpoint.resume=never)")
+        log.warning("step %d: gradient norm %s; update skipped (%d of %d in a row before the run stops)",
+                    step, grad_norm, len(self.skipped), self.limit)
+        return False

@@ -11,6 +11,8 @@ import torch
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+# The loss went NaN/inf and stayed there (optim.max_skipped_steps): a restart would not help.
+EXIT_DIVERGED = 3
 # Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
 # restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
 EXIT_PREEMPTED = 200

@@ -25,10 +25,11 @@ from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.model import build_model, flops_per_token
-from gpt2.optim import build_optimizer, lr_at
+from gpt2.optim import NonFiniteGuard, TrainingDiverged, build_optimizer, lr_at
 from gpt2.prepare import ensure_data
 from gpt2.runtime import (
     EXIT_CONFIG,
+    EXIT_DIVERGED,
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -89,6 +90,7 @@ class Trainer:
                              bucket_cap_mb=cfg.train.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
                              static_graph=cfg.train.ddp_static_graph)
         self.optimizer = build_optimizer(self.raw_model, cfg.optim, self.device.type)
+        self.guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
 
         self.progress = Progress()
         self.checkpointer = Checkpointer(
@@ -156,7 +158,7 @@ class Trainer:
                     self.checkpointer.save_final(done, "stop_at_step")
                     self.metrics.info(f"stopping at step {done} (train.stop_at_step); checkpoint saved")
                     return EXIT_OK
-                else:
+                elif not self.guard.skipped:  # no periodic save while updates are being skipped
                     self.checkpointer.step_end(done)
         self.metrics.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
                           f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
@@ -187,7 +189,8 @@ class Trainer:
                 loss_sum += loss.detach()
                 loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        if self.guard.allows(step, float(norm)):
+            self.optimizer.step()
         return loss_sum, norm, batch_hash
 
     def reduce(self, loss_sum: torch.Tensor, batch_hash: int) -> tuple[float, bool, int]:
@@ -228,6 +231,9 @@ def run(cfg: Config) -> int:
     except (DataError, TokenizerError, CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = EXIT_ERROR
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = EXIT_DIVERGED
     except Exception:
         if dist.world_size > 1:
             # A peer may have died (torchrun then restarts the whole group from the last checkpoint):

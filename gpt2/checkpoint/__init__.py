@@ -75,6 +75,17 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def non_finite(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in non_finite(v, f"{prefix}[{i}]")]
+    return []
+
+
 class CheckpointStore:
     """The step directories under one directory or URL: list, write (atomically), load, prune."""
 
@@ -256,7 +267,12 @@ class Checkpointer:
         if not self.is_writer:
             return
         self.wait()
-        state = to_cpu({name: part.state_dict() for name, part in self.parts.items()})
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        bad = non_finite(state)
+        if bad:
+            raise CheckpointError(f"not saving step {step}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                                  "hold NaN or infinite values (a checkpoint must never carry a diverged model)")
+        state = to_cpu(state)
         meta = self.describe(step)
         if blocking:
             self.store.write(state, step, meta)

@@ -11,6 +11,7 @@ from conftest import run_cli, shared_file
 from helpers.runs import losses, steps, train
 
 from gpt2 import hellaswag
+from gpt2.checkpoint import load_state
 from gpt2.tokenizer import ByteTokenizer
 
 
@@ -135,3 +136,14 @@ def test_evaluate_and_sample_commands_on_a_checkpoint(tmp_path):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.count("sample ") == 2, a.stderr
     bad = run_cli(["-m", "gpt2.evaluate", str(tmp_path / "nothing-here")])
     assert bad.returncode != 0 and "error:" in bad.stderr
+
+
+def test_a_diverging_run_stops_with_its_own_exit_code_and_saves_no_nan(tmp_path):
+    r = train(tmp_path, extra={"optim.lr": 1e6, "optim.grad_clip": 1e9, "train.max_steps": 30, "checkpoint.every": 1})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "training diverged" in r.stderr and "Lower optim.lr" in r.stderr and "Traceback" not in r.stderr
+    assert "update skipped" in r.stderr
+    assert "training complete" not in r.stdout and max(steps(tmp_path)) < 29
+    for ckpt in (tmp_path / "ckpt").glob("step-*"):
+        state = load_state(str(ckpt))
+        assert all(torch.isfinite(t).all() for t in state["model"].values()), ckpt

@@ -154,3 +154,13 @@ def test_a_checkpoint_of_another_model_shape_says_so(tmp_path):
     checkpointer(tmp_path, {"model": torch.nn.Linear(4, 4)}).save(1, blocking=True)
     with pytest.raises(CheckpointError, match="does not fit this run's model.*another model size"):
         checkpointer(tmp_path, {"model": torch.nn.Linear(8, 8)}).resume()
+
+
+def test_a_model_with_nan_is_never_saved(tmp_path, caplog):
+    model = Part({"w": torch.tensor([1.0, float("nan")])})
+    ck = checkpointer(tmp_path, {"model": model}, every=1)
+    with caplog.at_level(logging.ERROR):
+        ck.step_end(1)
+    assert "model.w hold NaN or infinite values" in caplog.text and ck.store.complete() == []
+    with pytest.raises(CheckpointError, match="final checkpoint could not be saved"):
+        ck.save_final(2, "final")

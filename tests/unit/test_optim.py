@@ -9,7 +9,7 @@ import torch
 
 from gpt2.config import ModelConfig, OptimConfig
 from gpt2.model import GPT
-from gpt2.optim import build_optimizer, lr_at
+from gpt2.optim import NonFiniteGuard, TrainingDiverged, build_optimizer, lr_at
 
 SEED = OptimConfig()  # lr 6e-4 -> 6e-5, 715 warm-up steps
 
@@ -40,3 +40,13 @@ def test_weight_decay_only_on_matrices_and_embeddings():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     assert opt.defaults["betas"] == (0.9, 0.96) and opt.defaults["eps"] == 1e-8
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_non_finite_updates_are_skipped_and_a_run_that_stays_there_stops():
+    guard = NonFiniteGuard(limit=3)
+    assert guard.allows(0, 1.5)
+    assert not guard.allows(1, float("nan")) and not guard.allows(2, float("inf"))
+    assert guard.allows(3, 0.7)  # a transient spike: the count starts over
+    assert not guard.allows(4, float("nan")) and not guard.allows(5, float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"3 steps in a row \(steps 4-6.*Lower optim.lr"):
+        guard.allows(6, float("nan"))
