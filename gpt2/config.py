@@ -7,6 +7,7 @@ before any work starts, with a message that names the key and what would have be
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -128,6 +131,10 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str | None = None
     log_every: int = 1
+    # A rank that makes no progress (a hung collective, a frozen peer, a stuck read) for this many
+    # seconds exits with EXIT_HUNG, so torchrun or the cluster restarts the job from its last
+    # checkpoint; also the process-group timeout. 0 disables both (then torch's 30 min default).
+    hang_timeout_s: int = 600
     # DDP tuning (issue: performance).
     ddp_bucket_cap_mb: int = 25
     ddp_static_graph: bool = False
@@ -233,12 +240,18 @@ def _full_key(err: OmegaConfBaseException) -> str:
 
 
 def _merge(base: DictConfig, other: DictConfig, where: str) -> DictConfig:
+    for key in other:
+        if key in base and isinstance(base[key], DictConfig) and not isinstance(other._get_node(key), DictConfig):
+            raise ConfigError(f"config key '{key}' in {where} is a section (e.g. {key}.{next(iter(base[key]))}=...), "
+                              f"not a value")
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         raise ConfigError(_unknown_key_message(_full_key(err), where)) from None
     except ValidationError as err:
         raise ConfigError(_type_message(err, where)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad config in {where}: {str(err).splitlines()[0]}") from None
 
 
 def _type_message(err: ValidationError, where: str) -> str:
@@ -284,10 +297,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             file_cfg = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file '{path}': {err}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file '{path}' must be a mapping of sections (model:, train:, ...), "
+                              f"not a {type(file_cfg).__name__.removesuffix('Config').lower()}")
+        if not file_cfg:
+            raise ConfigError(f"config file '{path}' is empty; start from configs/demo.yaml or configs/gpt2-124m.yaml")
         cfg = _merge(cfg, file_cfg, f"'{path}'")
     if overrides:
         cfg = _merge(cfg, _parse_overrides(overrides), "the command line")
-    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:  # interpolations such as ${oc.env:VAR} resolve here
+        raise ConfigError(f"config key '{_full_key(err)}': {str(err).splitlines()[0]}") from None
     apply_preset(config)
     validate(config)
     return config
@@ -312,22 +333,44 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         if value not in choices:
             raise ConfigError(f"config key '{key}' is '{value}'; choose one of {', '.join(choices)}")
+    m, t, o, e, d, c = config.model, config.train, config.optim, config.eval, config.data, config.checkpoint
     positives = {
-        "model.n_layer": config.model.n_layer,
-        "model.n_head": config.model.n_head,
-        "model.n_embd": config.model.n_embd,
-        "model.block_size": config.model.block_size,
-        "model.vocab_size": config.model.vocab_size,
-        "model.pad_vocab_to": config.model.pad_vocab_to,
-        "train.total_batch_tokens": config.train.total_batch_tokens,
-        "train.micro_batch": config.train.micro_batch,
-        "train.seq_len": config.train.seq_len,
-        "data.shard_tokens": config.data.shard_tokens,
-        "checkpoint.every": config.checkpoint.every,
+        "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
+        "model.block_size": m.block_size, "model.vocab_size": m.vocab_size, "model.pad_vocab_to": m.pad_vocab_to,
+        "train.total_batch_tokens": t.total_batch_tokens, "train.micro_batch": t.micro_batch,
+        "train.seq_len": t.seq_len, "train.max_steps": t.max_steps, "train.log_every": t.log_every,
+        "optim.lr": o.lr, "optim.eps": o.eps, "optim.grad_clip": o.grad_clip,
+        "optim.max_skipped_steps": o.max_skipped_steps, "data.shard_tokens": d.shard_tokens,
+        "checkpoint.every": c.every,
     }
+    if e.sample_every:
+        positives.update({"eval.num_samples": e.num_samples, "eval.sample_tokens": e.sample_tokens,
+                          "eval.top_k": e.top_k})
     for key, value in positives.items():
-        if value <= 0:
+        if not value > 0:  # also catches NaN
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    non_negatives = {
+        "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
+        "train.stop_at_step": t.stop_at_step, "train.hang_timeout_s": t.hang_timeout_s,
+        "eval.val_every": e.val_every, "eval.val_batches": e.val_batches, "eval.hellaswag_every": e.hellaswag_every,
+        "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
+        "data.workers": d.workers, "data.val_tokens": d.val_tokens, "checkpoint.retries": c.retries,
+        "launch.max_restarts": config.launch.max_restarts, "launch.max_requeues": config.launch.max_requeues,
+        "launch.signal_delay_s": config.launch.signal_delay_s,
+    }
+    for key, value in non_negatives.items():
+        if not value >= 0:
+            raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}); the schedule decays lr to min_lr")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must lie in [0, 1), got {list(o.betas)}")
+    if t.stop_at_step > t.max_steps:
+        raise ConfigError(f"train.stop_at_step ({t.stop_at_step}) is after train.max_steps ({t.max_steps}); "
+                          "use 0 to run to max_steps")
+    if o.warmup_steps > t.max_steps:
+        log.warning("optim.warmup_steps (%d) is longer than train.max_steps (%d): the learning rate never reaches "
+                    "optim.lr (%g) in this run", o.warmup_steps, t.max_steps, o.lr)
     if config.model.n_embd % config.model.n_head:
         raise ConfigError(
             f"model.n_embd ({config.model.n_embd}) must be divisible by model.n_head ({config.model.n_head})"

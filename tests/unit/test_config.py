@@ -73,3 +73,53 @@ def test_cli_rejects_bad_input_before_writing_anything(tmp_path, override, messa
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=0", "'train.max_steps' must be positive, got 0"),
+    ("train.max_steps=-5", "'train.max_steps' must be positive"),
+    ("optim.lr=-1", "'optim.lr' must be positive"),
+    ("optim.eps=0", "'optim.eps' must be positive"),
+    ("optim.grad_clip=-1", "'optim.grad_clip' must be positive"),
+    ("optim.min_lr=-1e-5", "'optim.min_lr' must be 0 or more"),
+    ("optim.min_lr=1", "optim.min_lr (1.0) is above optim.lr"),
+    ("optim.weight_decay=-0.1", "'optim.weight_decay' must be 0 or more"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must lie in [0, 1)"),
+    ("checkpoint.retries=-1", "'checkpoint.retries' must be 0 or more"),
+    ("train.log_every=0", "'train.log_every' must be positive"),
+    ("train.stop_at_step=400", "train.stop_at_step (400) is after train.max_steps (300)"),
+    ("train.hang_timeout_s=-1", "'train.hang_timeout_s' must be 0 or more"),
+    ("eval.num_samples=0", "'eval.num_samples' must be positive"),
+    ("eval.top_k=0", "'eval.top_k' must be positive"),
+    ("eval.val_every=-1", "'eval.val_every' must be 0 or more"),
+    ("eval.val_batches=-2", "'eval.val_batches' must be 0 or more"),
+    ("data.workers=-1", "'data.workers' must be 0 or more"),
+    ("train=5", "'train' in the command line is a section"),
+])
+def test_values_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/demo.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_sampling_settings_matter_only_when_sampling():
+    load_config("configs/demo.yaml", ["eval.sample_every=0", "eval.num_samples=0", "eval.top_k=0"])
+
+
+def test_a_warm_up_longer_than_the_run_is_said(caplog):
+    load_config("configs/gpt2-124m.yaml", ["train.max_steps=100"])
+    assert "optim.warmup_steps (715) is longer than train.max_steps (100)" in caplog.text
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty"),
+    ("- a\n- b\n", "must be a mapping of sections"),
+    ("train:\n  max_steps: ${oc.env:GPT2_TEST_UNSET_VARIABLE}\n", "config key 'train.max_steps'"),
+    ("train:\n  max_steps: ${oc.env:GPT2_TEST_TEXT}\n", "could not be converted to Integer"),
+])
+def test_malformed_config_files_are_config_errors(tmp_path, monkeypatch, text, message):
+    monkeypatch.setenv("GPT2_TEST_TEXT", "many")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
