@@ -31,8 +31,12 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(device_preference: str = "auto") -> Dist:
-    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); NCCL on GPUs, gloo on CPU."""
+def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
+    """Join the process group when started by torchrun (RANK/WORLD_SIZE set); NCCL on GPUs, gloo on CPU.
+
+    `timeout_s` bounds every collective (0: torch's default of 30 minutes); a collective that
+    times out raises, and the trainer exits so that the group restarts.
+    """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -41,7 +45,7 @@ def init(device_preference: str = "auto") -> Dist:
         torch.cuda.set_device(device)
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(minutes=30)
+        timeout = timedelta(seconds=timeout_s) if timeout_s > 0 else timedelta(minutes=30)
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(world, timeout),
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)

@@ -16,6 +16,8 @@ EXIT_DIVERGED = 3
 # Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
 # restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
 EXIT_PREEMPTED = 200
+# No progress for train.hang_timeout_s (gpt2.watchdog): retryable too, the restart resumes.
+EXIT_HUNG = 201
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 

@@ -42,6 +42,7 @@ from gpt2.runtime import (
 from gpt2.shards import DataError
 from gpt2.storage import StorageError
 from gpt2.tokenizer import TokenizerError, tokenizer_class
+from gpt2.watchdog import Watchdog
 
 USAGE = """usage: python -m gpt2.train CONFIG [key=value ...]
        torchrun --nproc-per-node N -m gpt2.train CONFIG [key=value ...]
@@ -134,14 +135,18 @@ class Trainer:
         if self.progress.step >= max_steps:
             self.metrics.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
             return EXIT_OK
-        with self.preemption:
+        watchdog = Watchdog(cfg.train.hang_timeout_s,
+                            where=lambda: f"rank {self.dist.rank}, step {self.progress.step}")
+        with self.preemption, watchdog:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)
+                watchdog.beat()
                 t0 = time.time()
                 loss, norm, batch_hash = self.train_step(step)
                 loss, preempted, batch_hash = self.reduce(loss, batch_hash)  # syncs: time the step after it
                 dt = time.time() - t0
                 self.progress.step = done = step + 1
+                watchdog.beat()
                 tokens_per_sec = cfg.train.total_batch_tokens / dt
                 self.metrics.step(StepRecord(
                     step, loss, lr_at(step, cfg.optim, max_steps), float(norm), dt * 1000, tokens_per_sec,
@@ -215,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(cfg: Config) -> int:
     """Train per `cfg`; returns the process exit code (errors become messages here)."""
-    dist = distributed.init(cfg.train.device)
+    # collectives time out after twice the watchdog's limit: the watchdog, with its clearer message,
+    # acts first in the loop; the timeout covers the collectives before it (resume, data barrier)
+    dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
     trainer = None
     code = EXIT_ERROR
     try:

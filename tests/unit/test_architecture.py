@@ -12,7 +12,7 @@ from conftest import REPO
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
-    {"config", "storage", "tokenizer", "distributed", "runtime"},
+    {"config", "storage", "tokenizer", "distributed", "runtime", "watchdog"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
     {"data", "checkpoint", "prepare"},
     {"loading", "sample", "evaluator"},
