@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,7 +214,14 @@ _CHOICES = {
     "train.dtype": ("auto", "float32", "bfloat16"),
 }
 
-_SECRET_WORDS = ("secret", "password", "token", "key", "credential")
+# Inside storage_options every value is treated as a secret except these settings, known to hold
+# none (fsspec/s3fs/gcsfs names); anything else (key, secret, sas, auth, headers, ...) is redacted.
+PUBLIC_STORAGE_OPTIONS = frozenset({
+    "anon", "endpoint_url", "region_name", "use_ssl", "verify", "requester_pays", "version_aware",
+    "default_block_size", "default_cache_type", "default_fill_cache", "cache_regions", "max_concurrency",
+    "client_kwargs", "config_kwargs", "connect_timeout", "read_timeout", "retries", "project", "account_name",
+})
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):[^/@\s]*@")
 
 
 def all_keys(node: Any = None, prefix: str = "") -> list[str]:
@@ -419,14 +427,21 @@ def from_dict(data: dict[str, Any]) -> Config:
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
+def redact_url(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
 def _redact(value: Any, inside_storage_options: bool = False, key: str = "") -> Any:
+    secret = inside_storage_options and key not in PUBLIC_STORAGE_OPTIONS
     if isinstance(value, dict):
-        return {
-            k: _redact(v, inside_storage_options or k == "storage_options", str(k)) for k, v in value.items()
-        }
-    if inside_storage_options and any(w in key.lower() for w in _SECRET_WORDS) and value not in (None, ""):
+        inside = inside_storage_options or key == "storage_options"
+        return {k: _redact(v, inside, str(k) if not secret else "") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, inside_storage_options, key) for v in value]
+    if secret and value not in (None, ""):
         return "***"
-    return value
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def cli_config(argv: list[str], usage: str) -> Config:

@@ -6,7 +6,7 @@ import importlib
 import re
 from types import ModuleType
 
-from gpt2.config import Config, ConfigError, grad_accum_steps, load_config
+from gpt2.config import PUBLIC_STORAGE_OPTIONS, Config, ConfigError, grad_accum_steps, load_config, redact_url
 
 # Environment for torchrun and the trainer, the same on SLURM, Kubernetes and in the image.
 TRAINER_ENV: dict[str, str] = {
@@ -94,8 +94,20 @@ def torchrun_command(config_path: str, overrides: list[str], *, nproc_per_node: 
 
 
 def check_overrides(args: list[str]) -> list[str]:
-    """Trainer overrides are passed through unchanged; LaunchError unless each looks like key=value."""
+    """Trainer overrides are passed through unchanged; LaunchError unless each looks like key=value
+    and carries no credentials (the job's command line is visible in the job spec, logs and `ps`)."""
     for a in args:
         if "=" not in a or a.startswith("-"):
             raise LaunchError(f"unexpected argument '{a}': trainer overrides are key=value (e.g. train.max_steps=100)")
+        key, value = a.split("=", 1)
+        parts = key.split(".")
+        if "storage_options" in parts:
+            rest = parts[parts.index("storage_options") + 1:]
+            if not rest or rest[0] not in PUBLIC_STORAGE_OPTIONS:
+                raise LaunchError(
+                    f"'{key}=...' would put storage credentials on the job's command line, where the job spec, "
+                    "logs and `ps` show them. Give them to the job as environment variables instead "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL; on Kubernetes the gpt2-s3 Secret)")
+        if redact_url(value) != value:
+            raise LaunchError(f"'{key}' holds a URL with a password; pass credentials as environment variables")
     return list(args)

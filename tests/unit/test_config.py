@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import run_cli
 
-from gpt2.config import ConfigError, grad_accum_steps, load_config, to_yaml
+from gpt2.config import ConfigError, grad_accum_steps, load_config, to_dict, to_yaml
 
 
 def test_124m_config_holds_the_seed_hyper_parameters():
@@ -123,3 +125,15 @@ def test_malformed_config_files_are_config_errors(tmp_path, monkeypatch, text, m
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_every_storage_option_but_the_known_public_ones_is_redacted_and_url_passwords_too():
+    c = load_config("configs/demo.yaml", [
+        "checkpoint.storage_options={sas: S1, auth: A1, passwd: P1, creds: C1, connection_string: C2, "
+        "headers: {Authorization: T1}, endpoint_url: 'http://u:P2@127.0.0.1:8333', region_name: eu}",
+        "data.storage_options={client_kwargs: {region_name: us}}",
+    ])
+    text = to_yaml(c) + json.dumps(to_dict(c))
+    for secret in ("S1", "A1", "P1", "C1", "C2", "T1", "P2"):
+        assert secret not in text, secret
+    assert "http://u:***@127.0.0.1:8333" in text and "region_name: eu" in text and "region_name: us" in text

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from gpt2.launch.common import TRAINER_ENV, LaunchError, require
+from gpt2.launch.common import TRAINER_ENV, LaunchError, check_overrides, require
 
 
 def test_dockerfile_sets_the_trainer_environment():
@@ -45,3 +45,17 @@ def test_k8s_cli_without_the_client_says_which_extra(monkeypatch, tmp_path, caps
 
     assert k8s.main(["create", "--kubeconfig", str(tmp_path / "none")]) == 2
     assert "pip install 'gpt2[k8s]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", [
+    "checkpoint.storage_options.secret=hush", "data.storage_options.key=AKIA", "checkpoint.storage_options={a: b}",
+    "checkpoint.storage_options.headers.Authorization=Bearer", "checkpoint.dir=s3://user:pw@host/bucket",
+])
+def test_credentials_never_go_on_a_job_command_line(override):
+    with pytest.raises(LaunchError, match="environment variables"):
+        check_overrides([override])
+
+
+def test_public_storage_settings_may_go_on_the_command_line():
+    overrides = ["checkpoint.storage_options.endpoint_url=http://127.0.0.1:8333", "train.max_steps=10"]
+    assert check_overrides(overrides) == overrides
