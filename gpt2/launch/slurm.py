@@ -36,6 +36,11 @@ from gpt2.launch.common import (
     torchrun_command,
 )
 
+DEFAULT_CPUS_PER_GPU = 8
+# squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
+NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+                "InvalidQOS", "AccountNotAllowed", "QOSMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit")
+
 
 @dataclass
 class Options:
@@ -46,7 +51,7 @@ class Options:
     account: str | None = None
     qos: str | None = None
     time: str = "24:00:00"
-    cpus_per_gpu: int = 8
+    cpus_per_gpu: int | None = None  # default: DEFAULT_CPUS_PER_GPU, capped at what a node has
     mem: str | None = None
     container_image: str | None = None
     name: str | None = None
@@ -94,8 +99,27 @@ def time_to_minutes(spec: str) -> int:
     return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
 
 
-def plan(opts: Options) -> Plan:
-    """Resolve and check the options (LaunchError on bad input; nothing is submitted)."""
+def cpus_per_task(opts: Options, procs: int, cpus_per_node: int | None) -> int:
+    """CPUs for each node's task: --cpus-per-gpu x processes, the default capped at what a node has."""
+    if opts.cpus_per_gpu is not None:
+        wanted = opts.cpus_per_gpu * procs
+        if cpus_per_node is not None and wanted > cpus_per_node:
+            raise LaunchError(
+                f"--cpus-per-gpu {opts.cpus_per_gpu} x {procs} process(es) asks {wanted} CPUs per node, but the "
+                f"nodes of {opts.partition or 'the default partition'} have {cpus_per_node}: the job could never "
+                f"start. Use --cpus-per-gpu {max(cpus_per_node // procs, 1)} or less")
+        return wanted
+    wanted = DEFAULT_CPUS_PER_GPU * procs
+    if cpus_per_node is not None and wanted > cpus_per_node:
+        print(f"note: asking {cpus_per_node} CPUs per node (all a node of {opts.partition or 'the default partition'}"
+              f" has), not {DEFAULT_CPUS_PER_GPU} per process; --cpus-per-gpu sets it", file=sys.stderr)
+        return cpus_per_node
+    return wanted
+
+
+def plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
+    """Resolve and check the options (LaunchError on bad input; nothing is submitted).
+    `cpus_per_node`: what the cluster's nodes have, when known (`check_cluster`)."""
     if opts.nodes < 1 or opts.gpus < 0:
         raise LaunchError("--nodes must be >= 1 and --gpus >= 0")
     cfg = load_trainer_config(opts.config, opts.overrides)
@@ -118,7 +142,7 @@ def plan(opts: Options) -> Plan:
     params: dict[str, Any] = dict(
         nodes=opts.nodes,
         ntasks_per_node=1,  # one torchrun agent per node; it starts the per-GPU processes
-        cpus_per_task=max(opts.cpus_per_gpu * procs, 1),
+        cpus_per_task=cpus_per_task(opts, procs, cpus_per_node),
         time=time_to_minutes(opts.time),
         job_name=name,
         signal_delay_s=delay,
@@ -138,11 +162,12 @@ def plan(opts: Options) -> Plan:
                 executor_params=params, max_restarts=cfg.launch.max_restarts, config_path=opts.config)
 
 
-def check_cluster(opts: Options) -> None:
-    """What can be checked before submitting: sbatch exists, the partition exists, GPUs suffice."""
+def check_cluster(opts: Options) -> int | None:
+    """What can be checked before submitting: sbatch exists, the partition exists, GPUs and nodes
+    suffice. Returns the CPUs of the partition's largest node (None if sinfo does not say)."""
     if shutil.which("sbatch") is None:
         raise LaunchError("sbatch is not on PATH: run this on a SLURM login node (or use --dry-run to see the job)")
-    fmt = ["sinfo", "-h", "-o", "%P %G %D"]
+    fmt = ["sinfo", "-h", "-o", "%P %G %D %c"]
     if opts.partition:
         fmt += ["-p", opts.partition]
     out = subprocess.run(fmt, capture_output=True, text=True).stdout.split("\n")
@@ -152,7 +177,7 @@ def check_cluster(opts: Options) -> None:
         raise LaunchError(f"partition '{opts.partition}' does not exist; partitions: {', '.join(known) or 'none'}")
     if opts.gpus:
         best = 0
-        for _, gres, _ in rows:
+        for _, gres, _, _ in rows:
             for item in gres.split(","):
                 bits = item.split(":")  # gpu:8 or gpu:h100:8(S:0-1)
                 if bits[0] == "gpu":
@@ -163,6 +188,8 @@ def check_cluster(opts: Options) -> None:
     total_nodes = sum(int(r[2]) for r in rows) if rows else 0
     if opts.nodes > total_nodes:
         raise LaunchError(f"--nodes {opts.nodes} is more than {opts.partition or 'the cluster'} has ({total_nodes})")
+    cpus = [int(r[3].rstrip("+")) for r in rows if r[3].rstrip("+").isdigit()]
+    return max(cpus) if cpus else None
 
 
 class TrainTask:
@@ -227,10 +254,25 @@ def dry_run_text(p: Plan) -> str:
             f"{shlex.join(p.command())}\n")
 
 
+def never_starts(job_id: str) -> str | None:
+    """The reason a pending job can never start (it asks more than its partition allows), else None."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
+    state, _, reason = out.strip().partition("|")
+    return reason if state == "PENDING" and reason.startswith(NEVER_STARTS) else None
+
+
 def follow(job, log: Path) -> int:
-    """Print the job's log as it grows until the job ends; return 0 if it completed."""
+    """Print the job's log as it grows until the job ends; return 0 if it completed. A job that can
+    never start is cancelled with the reason, instead of being waited for forever."""
     pos = 0
     while True:
+        reason = never_starts(job.job_id)
+        if reason:
+            subprocess.run(["scancel", job.job_id], capture_output=True)
+            print(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
+                  "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
+                  "options); cancelled it", flush=True)
+            return 1
         done = job.done(force_check=True)
         if log.exists():
             with open(log) as f:
@@ -251,11 +293,10 @@ def follow(job, log: Path) -> int:
 
 
 def submit(opts: Options, dry_run: bool = False, do_follow: bool = False) -> int:
-    p = plan(opts)
     if dry_run:
-        print(dry_run_text(p))
+        print(dry_run_text(plan(opts)))
         return 0
-    check_cluster(opts)
+    p = plan(opts, cpus_per_node=check_cluster(opts))
     p.folder.mkdir(parents=True, exist_ok=True)
     job = executor_for(p).submit(TrainTask(p))
     log = p.folder / job.job_id / f"{job.job_id}_0_log.out"
@@ -276,7 +317,8 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     a.add_argument("--account")
     a.add_argument("--qos")
     a.add_argument("--time", default=Options.time, help="time limit, [D-]HH:MM:SS")
-    a.add_argument("--cpus-per-gpu", type=int, default=Options.cpus_per_gpu)
+    a.add_argument("--cpus-per-gpu", type=int, default=None,
+                   help=f"CPUs per process (default {DEFAULT_CPUS_PER_GPU}, capped at what a node has)")
     a.add_argument("--mem")
     a.add_argument("--container-image", help="pyxis/enroot image for clusters that run jobs in containers")
     a.add_argument("--name")

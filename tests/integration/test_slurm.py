@@ -42,10 +42,11 @@ def overrides(tmp: Path, **extra) -> list[str]:
 
 def launch(tmp: Path, *args: str, extra: dict | None = None, follow: bool = True) -> subprocess.CompletedProcess:
     cmd = ["launch/slurm.py", "--nodes", "2", "--gpus", "0", "--config", "configs/demo.yaml", "--time", "00:20:00",
-           "--run-dir", str(tmp / "runs"), "--name", "tiny", "--cpus-per-gpu", "1", *args]
+           "--run-dir", str(tmp / "runs"), "--name", "tiny", *args]
     if follow:
         cmd.append("--follow")
-    return run_cli([*cmd, *overrides(tmp, **(extra or {}))], env={"TMPDIR": str(tmp)})
+    # one thread per process: two "nodes" share this machine's cores, and CPU math is bitwise only unoversubscribed
+    return run_cli([*cmd, *overrides(tmp, **(extra or {}))], env={"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})
 
 
 def run_steps(tmp: Path) -> dict[int, dict]:
@@ -105,7 +106,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(reference, tmp_path
 
 def test_plain_sbatch_script_runs_the_same_command_and_run(reference, tmp_path):
     env = dict(os.environ, GPUS="0", CONFIG="configs/demo.yaml", RUN_DIR=str(tmp_path / "runs"),
-               PYTHON=str(Path(os.sys.executable)), TMPDIR=str(tmp_path))
+               PYTHON=str(Path(os.sys.executable)), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
     out = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--job-name=tiny", f"--output={tmp_path}/job-%j.out",
                           "slurm/train.sbatch", *overrides(tmp_path, **SLOW)],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
@@ -129,6 +130,7 @@ def test_plain_sbatch_script_runs_the_same_command_and_run(reference, tmp_path):
     (["--nodes", "4"], {}, "--nodes 4 is more than the cluster has (2)"),
     (["train.max_step=3"], {}, "did you mean 'train.max_steps'"),
     ([], {"PATH": "/nonexistent"}, "sbatch is not on PATH"),
+    (["--cpus-per-gpu", "8"], {}, "asks 8 CPUs per node, but the nodes of the default partition have 2"),
 ])
 def test_bad_input_is_refused_before_submitting(slurm, tmp_path, args, env, message):
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
@@ -147,3 +149,23 @@ def test_dry_run_prints_the_script_and_command(tmp_path):
     assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --gpus-per-node=8" in r.stdout
     assert "#SBATCH --signal=USR2@120" in r.stdout and "#SBATCH --partition=gpu" in r.stdout
     assert "--nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d" in r.stdout and "train.max_steps=10" in r.stdout
+
+
+def test_a_job_that_can_never_start_is_recognised(slurm, tmp_path):
+    from gpt2.launch.slurm import never_starts
+
+    out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=64", f"--output={tmp_path}/x.out", "--wrap", "true"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:  # some SLURM versions refuse it at once, which is as good
+        assert "CPU" in out.stderr or "configuration" in out.stderr, out.stderr
+        return
+    job_id = out.stdout.strip().split(";")[0]
+    try:
+        deadline = time.time() + 30
+        reason = None
+        while reason is None and time.time() < deadline:
+            reason = never_starts(job_id)
+            time.sleep(1)
+        assert reason is not None and reason.startswith("PartitionConfig"), reason
+    finally:
+        subprocess.run(["scancel", job_id])
