@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2.storage import ensure_directory
+
 # Dense bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets (no sparsity).
 # Matched against torch.cuda.get_device_name() in order; the first match wins.
 BF16_PEAK_FLOPS: list[tuple[str, float]] = [
@@ -79,6 +81,7 @@ class MetricsLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            ensure_directory(log_dir, what="logging.dir")
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
             self.steps_path = Path(log_dir) / "steps.jsonl"
 

@@ -34,7 +34,7 @@ from gpt2.shards import (
     shard_name,
     write_manifest,
 )
-from gpt2.storage import StorageError, filesystem, join, with_retries, write_bytes
+from gpt2.storage import StorageError, ensure_directory, filesystem, join, with_retries, write_bytes
 from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
@@ -116,15 +116,21 @@ def _file_documents(source: str, text_field: str, txt_split: str, storage_option
                     yield f.read()
         except FileNotFoundError:
             raise DataError(f"input file {path} not found (data.source='{source}')") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"input file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                            "convert it (e.g. iconv -t utf-8) or leave it out of data.source") from None
 
 
 def _json_text(line: str, text_field: str, path: str, lineno: int) -> str:
     try:
-        return json.loads(line)[text_field]
+        text = json.loads(line)[text_field]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise DataError(f"{path}:{lineno} is not a JSON object with a '{text_field}' field ({err}); "
-            "set data.text_field to the field that holds the text"
-        ) from None
+                        "set data.text_field to the field that holds the text") from None
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{lineno}: the '{text_field}' field is {json.dumps(text)}, not a string; "
+                        "fix or drop that line, or set data.text_field to the field that holds the text")
+    return text
 
 
 def _parquet_documents(path: str, text_field: str, storage_options: dict[str, Any]) -> Iterator[str]:
@@ -133,7 +139,10 @@ def _parquet_documents(path: str, text_field: str, storage_options: dict[str, An
     with fsspec.open(path, "rb", **storage_options) as f:
         pf = pq.ParquetFile(f)
         for i in range(pf.num_row_groups):
-            yield from pf.read_row_group(i, columns=[text_field]).column(text_field).to_pylist()
+            for text in pf.read_row_group(i, columns=[text_field]).column(text_field).to_pylist():
+                if not isinstance(text, str):
+                    raise DataError(f"{path}: row group {i} has a '{text_field}' value {text!r}, not a string")
+                yield text
 
 
 # ---- tokenization in workers ----------------------------------------------------------------------
@@ -306,6 +315,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     # read the first document before creating anything: a bad source must leave no empty data.dir
     first = next(docs, None)
     docs = _skip(chain([] if first is None else [first], docs), next_doc)
+    ensure_directory(d.dir, d.storage_options, "data.dir")
     with_retries(lambda: fs.makedirs(root, exist_ok=True), f"creating {d.dir}")
     meter = Progress(total_tokens_hint, progress)
     first_doc = next_doc  # index of the first document of the current batch

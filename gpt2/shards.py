@@ -72,11 +72,23 @@ class Manifest:
     def from_json(cls, text: str, where: str) -> Manifest:
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise DataError(f"{where}: unknown shard format {data.get('format')!r}, expected {FORMAT!r}")
-            return cls(**data)
-        except (json.JSONDecodeError, TypeError) as err:
+        except json.JSONDecodeError as err:
             raise DataError(f"{where}: not a valid shard manifest ({err}); prepare the data again") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: not a valid shard manifest (a JSON {type(data).__name__}, not an object); "
+                            "prepare the data again")
+        if data.get("format") != FORMAT:
+            raise DataError(f"{where}: unknown shard format {data.get('format')!r}, expected {FORMAT!r}")
+        try:
+            manifest = cls(**data)
+        except TypeError as err:
+            raise DataError(f"{where}: not a valid shard manifest ({err}); prepare the data again") from None
+        for i, shard in enumerate(manifest.shards if isinstance(manifest.shards, list) else [None]):
+            if not (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                    and shard.get("split") in ("train", "val") and isinstance(shard.get("tokens"), int)):
+                raise DataError(f"{where}: shard entry {i} ({shard!r}) lacks a file, split or token count; "
+                                "prepare the data again")
+        return manifest
 
     def split(self, split: str) -> list[dict[str, Any]]:
         return [s for s in self.shards if s["split"] == split]

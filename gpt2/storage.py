@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -37,6 +38,22 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def ensure_directory(url: str, storage_options: dict[str, Any] | None = None, what: str = "directory") -> None:
+    """Create a local directory (object stores have none to create); StorageError, naming the
+    culprit, when a file stands where it or one of its parents should be."""
+    fs, path = filesystem(url, storage_options)
+    if not is_local(fs):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *map(str, Path(path).parents)] if os.path.isfile(p)), path)
+        raise StorageError(f"{what} '{url}' cannot be created: {blocker} is a file, not a directory; "
+                           "choose another path") from None
+    except PermissionError as err:
+        raise StorageError(f"{what} '{url}' cannot be created: {err}") from None
 
 
 def join(path: str, *parts: str) -> str:

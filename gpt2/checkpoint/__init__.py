@@ -32,7 +32,7 @@ import torch
 
 from gpt2 import distributed
 from gpt2.config import CheckpointConfig
-from gpt2.storage import StorageError, filesystem, join, with_retries, write_bytes
+from gpt2.storage import StorageError, ensure_directory, filesystem, join, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ class Checkpointer:
                  describe: Callable[[int], dict[str, Any]], is_writer: bool = True):
         self.cfg, self.parts, self.describe, self.is_writer = cfg, parts, describe, is_writer
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
+        if is_writer:
+            ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

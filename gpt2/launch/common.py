@@ -73,6 +73,9 @@ def check_image(image: str) -> None:
         raise LaunchError(f"image '{image}' has no tag or digest; pin one (e.g. {image}:0.1.0 or {image}@sha256:...)")
     if not _IMAGE.match(image):
         raise LaunchError(f"'{image}' is not a valid image reference")
+    if "@sha256:" not in image and name.endswith(":latest"):
+        raise LaunchError(f"image '{image}' uses the moving tag 'latest': restarted pods could run other code "
+                          "than the job started with; pin a version tag or a digest")
 
 
 def torchrun_command(config_path: str, overrides: list[str], *, nproc_per_node: int | str | None,

@@ -7,6 +7,7 @@ Targets the Kubeflow Training Operator v1.9.x (`kubeflow.org/v1` PyTorchJob, ela
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,14 @@ TENSORBOARD = "gpt2-tensorboard"
 JOB_LABEL = "training.kubeflow.org/job-name"
 # torchrun gives workers 30 s after forwarding SIGTERM; the pod's grace period must exceed it.
 GRACE_SECONDS = 120
+
+
+# RFC 1123 labels; a job name is shorter so that the operator's pod names (NAME-worker-N) fit in 63
+_DNS_LABEL = {"--name": 50, "--namespace": 63}
+
+
+def _valid_label(value: str, max_len: int) -> bool:
+    return len(value) <= max_len and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", value) is not None
 
 
 @dataclass
@@ -75,6 +84,13 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
     max_nodes = opts.max_nodes if opts.max_nodes is not None else opts.nodes
     if opts.min_nodes < 1 or opts.nodes < 1:
         raise LaunchError("--nodes and --min-nodes must be at least 1")
+    if opts.gpus < 0:
+        raise LaunchError(f"--gpus must be 0 (CPU) or more, got {opts.gpus}")
+    for flag, value in (("--name", opts.name or cfg.name), ("--namespace", opts.namespace)):
+        if value is not None and not _valid_label(value, _DNS_LABEL[flag]):
+            raise LaunchError(f"{flag} '{value}' is not a valid Kubernetes name: at most {_DNS_LABEL[flag]} "
+                              "lower-case letters, digits and '-', starting with a letter and ending with a "
+                              "letter or digit")
     if opts.min_nodes > max_nodes:
         raise LaunchError(f"--min-nodes ({opts.min_nodes}) is greater than --max-nodes ({max_nodes})")
     if not opts.min_nodes <= opts.nodes <= max_nodes:
@@ -205,6 +221,11 @@ def to_yaml(docs: list[dict[str, Any]]) -> str:
 
 
 def write(manifests: dict[str, list[dict[str, Any]]], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise LaunchError(f"--out {out} is a file; give a directory for the manifests")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LaunchError(f"--out {out} cannot be created: {err}") from None
     for name, docs in manifests.items():
         (out / name).write_text(to_yaml(docs))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -83,20 +84,42 @@ class Plan:
                                 max_restarts=self.max_restarts)
 
 
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
+_NAME = re.compile(r"^[A-Za-z0-9_.,:+-]+$")  # partition, account, qos, job name: no spaces, newlines, quotes
+
+
 def time_to_minutes(spec: str) -> int:
-    """SLURM time ([D-]HH:MM:SS, MM, MM:SS) in whole minutes."""
-    days = 0
-    if "-" in spec:
-        d, spec = spec.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in spec.split(":")]
+    """SLURM time ([D-]HH:MM:SS, [D-]HH:MM, MM, MM:SS) in whole minutes; LaunchError if malformed."""
+    m = _TIME.match(spec.strip())
+    if not m:
+        raise LaunchError(f"--time '{spec}' is not a SLURM time; use [D-]HH:MM:SS (e.g. 24:00:00 or 1-12:00:00)")
+    days = int(m.group(1) or 0)
+    parts = [int(p) for p in m.group(2, 3, 4) if p is not None]
     if len(parts) == 1:
-        h, m, s = 0, parts[0], 0
+        h, mins, s = (parts[0], 0, 0) if m.group(1) else (0, parts[0], 0)
     elif len(parts) == 2:
-        h, m, s = (0, *parts) if days == 0 else (*parts, 0)
+        h, mins, s = (0, *parts) if not m.group(1) else (*parts, 0)
     else:
-        h, m, s = parts
-    return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
+        h, mins, s = parts
+    return max(1, days * 1440 + h * 60 + mins + (1 if s else 0))
+
+
+def check_options(opts: Options) -> None:
+    """The launcher's own flags, before anything else (LaunchError, nothing submitted)."""
+    if opts.nodes < 1 or opts.gpus < 0:
+        raise LaunchError("--nodes must be >= 1 and --gpus >= 0")
+    if opts.cpus_per_gpu is not None and opts.cpus_per_gpu < 1:
+        raise LaunchError(f"--cpus-per-gpu must be at least 1, got {opts.cpus_per_gpu}")
+    if opts.signal_delay_s is not None and opts.signal_delay_s < 0:
+        raise LaunchError(f"--signal-delay must be 0 or more seconds, got {opts.signal_delay_s}")
+    if opts.mem is not None and not _MEM.match(opts.mem):
+        raise LaunchError(f"--mem '{opts.mem}' is not a SLURM memory size; use e.g. 64G or 512000M (or 0 for all)")
+    for flag in ("partition", "account", "qos", "name"):
+        value = getattr(opts, flag)
+        if value is not None and not _NAME.match(value):
+            raise LaunchError(f"--{flag} {value!r} may hold only letters, digits and _.,:+-")
+    time_to_minutes(opts.time)
 
 
 def cpus_per_task(opts: Options, procs: int, cpus_per_node: int | None) -> int:
@@ -120,8 +143,7 @@ def cpus_per_task(opts: Options, procs: int, cpus_per_node: int | None) -> int:
 def plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
     """Resolve and check the options (LaunchError on bad input; nothing is submitted).
     `cpus_per_node`: what the cluster's nodes have, when known (`check_cluster`)."""
-    if opts.nodes < 1 or opts.gpus < 0:
-        raise LaunchError("--nodes must be >= 1 and --gpus >= 0")
+    check_options(opts)
     cfg = load_trainer_config(opts.config, opts.overrides)
     procs = max(opts.gpus, 1)
     overrides, note = fit_micro_batch(cfg, opts.overrides, [opts.nodes * procs], what=f"--gpus {opts.gpus}: ")

@@ -10,6 +10,7 @@ from helpers.parts import Part
 
 from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, CheckpointStore, load_state
 from gpt2.config import CheckpointConfig
+from gpt2.storage import StorageError
 
 # ---- the Checkpointer itself -------------------------------------------------------------------------
 
@@ -59,15 +60,24 @@ def test_interval_and_resume_load_every_part(tmp_path):
     assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
 
 
-def test_a_failed_periodic_save_is_logged_and_a_failed_final_save_is_fatal(tmp_path, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    ck = checkpointer(blocker / "ckpt", {"model": Part(small_state(1)["model"])}, every=1, retries=0)
+def test_a_failed_periodic_save_is_logged_and_a_failed_final_save_is_fatal(tmp_path, caplog, monkeypatch):
+    ck = checkpointer(tmp_path, {"model": Part(small_state(1)["model"])}, every=1)
+
+    def unavailable(*args):
+        raise StorageError("writing step-1 failed after 6 attempts: ConnectionError")
+
+    monkeypatch.setattr(ck.store, "write", unavailable)
     with caplog.at_level(logging.ERROR):
         ck.step_end(1)  # goes on
-    assert "CHECKPOINT SAVE FAILED" in caplog.text
+    assert "CHECKPOINT SAVE FAILED" in caplog.text and "ConnectionError" in caplog.text
     with pytest.raises(CheckpointError, match="the final checkpoint could not be saved"):
         ck.save_final(2, "final")
+
+
+def test_a_checkpoint_dir_under_a_file_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="checkpoint.dir .* cannot be created: .*file is a file"):
+        checkpointer(tmp_path / "file" / "ckpt", {"model": Part()})
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "no-marker"])

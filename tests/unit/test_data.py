@@ -151,3 +151,14 @@ def test_missing_shard_file(prepared, tmp_path, bpe_dir):
     (d / "train_000002.npy").unlink()
     with pytest.raises(DataError, match=r"train_000002.npy listed in the manifest is missing"):
         build_loaders(loader_cfg(d, bpe_dir), 0, 1)
+
+
+@pytest.mark.parametrize("manifest,message", [
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"format": "gpt2-shards/1", "tokenizer": "x", "source": "s", "shard_tokens": 1, "val_tokens": 1, '
+     '"shards": [{"file": "train_000000.npy", "split": "train"}], "complete": true}', "lacks a file, split or token"),
+])
+def test_a_malformed_manifest_is_a_data_error(tmp_path, bpe_dir, manifest, message):
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(DataError, match=message):
+        build_loaders(loader_cfg(tmp_path, bpe_dir), 0, 1)

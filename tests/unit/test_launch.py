@@ -59,3 +59,51 @@ def test_credentials_never_go_on_a_job_command_line(override):
 def test_public_storage_settings_may_go_on_the_command_line():
     overrides = ["checkpoint.storage_options.endpoint_url=http://127.0.0.1:8333", "train.max_steps=10"]
     assert check_overrides(overrides) == overrides
+
+
+# ---- bad launcher input: a message, nothing rendered or submitted -------------------------------------
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(time="abc"), "--time 'abc' is not a SLURM time"),
+    (dict(signal_delay_s=-10), "--signal-delay must be 0 or more"),
+    (dict(mem="lots"), "--mem 'lots' is not a SLURM memory size"),
+    (dict(partition="gpu\nevil"), "--partition 'gpu\\nevil' may hold only"),
+    (dict(cpus_per_gpu=0), "--cpus-per-gpu must be at least 1"),
+    (dict(gpus=-1), "--gpus >= 0"),
+])
+def test_slurm_options_are_checked(options, message):
+    from gpt2.launch import slurm
+
+    with pytest.raises(LaunchError) as err:
+        slurm.plan(slurm.Options(**{"nodes": 2, "gpus": 8, **options}))
+    assert message in str(err.value)
+
+
+def test_slurm_times_in_every_form():
+    from gpt2.launch.slurm import time_to_minutes
+
+    assert [time_to_minutes(t) for t in ("90", "30:30", "24:00:00", "1-12", "1-12:00", "1-12:00:00")] == \
+        [90, 31, 1440, 2160, 2160, 2160]
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(gpus=-1), r"--gpus must be 0 \(CPU\) or more"),
+    (dict(name="My Job"), "--name 'My Job' is not a valid Kubernetes name"),
+    (dict(name="a" * 51), "at most 50"),
+    (dict(namespace="ML"), "--namespace 'ML' is not a valid Kubernetes name"),
+    (dict(image="registry.example.com/gpt2:latest"), "moving tag 'latest'"),
+])
+def test_k8s_options_are_checked(options, message):
+    from gpt2.launch import k8s_manifests
+
+    with pytest.raises(LaunchError, match=message):
+        k8s_manifests.render(k8s_manifests.Options(**options))
+
+
+def test_k8s_render_into_a_file_is_refused(tmp_path):
+    from gpt2.launch import k8s_manifests
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(LaunchError, match="is a file"):
+        k8s_manifests.write(k8s_manifests.render(k8s_manifests.Options()), tmp_path / "out")

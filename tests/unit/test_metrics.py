@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.model import flops_per_token
+from gpt2.storage import StorageError
 
 # ---- MFU ----------------------------------------------------------------------------------------------
 
@@ -56,3 +58,9 @@ def test_logger_off_rank_0_writes_nothing(tmp_path, capsys):
     m.scalars(0, {"x": 1.0})
     m.close()
     assert not (tmp_path / "tb").exists() and capsys.readouterr().out == ""
+
+
+def test_a_logging_dir_under_a_file_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="logging.dir .* cannot be created"):
+        MetricsLogger(str(tmp_path / "file" / "tb"), enabled=True, max_steps=1)

@@ -9,6 +9,7 @@ from helpers.corpus import cfg_for, shakespeare_docs, shard_bytes
 
 from gpt2.prepare import prepare
 from gpt2.shards import DataError, open_split, read_manifest
+from gpt2.storage import StorageError
 from gpt2.tokenizer import get_tokenizer
 
 
@@ -88,3 +89,22 @@ def test_bad_source_writes_nothing(tmp_path, bpe_dir):
     with pytest.raises(DataError, match="matches no files"):
         prepare(cfg_for(tmp_path / "nope" / "*.jsonl", out, bpe_dir), workers=1, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"caf\xe9 latin-1\n", "is not UTF-8 text"),
+    (b'{"text": null}\n', "the 'text' field is null, not a string"),
+    (b'{"text": 42}\n', "the 'text' field is 42, not a string"),
+])
+def test_bad_input_files_are_named(tmp_path, bpe_dir, content, message):
+    source = tmp_path / ("in.jsonl" if content.startswith(b"{") else "in.txt")
+    source.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        prepare(cfg_for(source, tmp_path / "out", bpe_dir), workers=1, progress=False)
+    assert message in str(err.value) and str(source) in str(err.value)
+
+
+def test_a_data_dir_under_a_file_is_named(tmp_path, corpus, bpe_dir):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match=r"data.dir .* cannot be created: .*file is a file, not a directory"):
+        prepare(cfg_for(corpus, tmp_path / "file" / "data", bpe_dir), workers=1, progress=False)
