@@ -86,6 +86,9 @@ class DataConfig:
     txt_split: str = "file"
     # Prepare the shards on the first run when they are missing (the demo uses this).
     auto_prepare: bool = False
+    # Seconds every rank waits for a complete manifest before training (0: fail at once when the
+    # data is missing). For a preparation job started alongside, e.g. `kubectl apply -k k8s/`.
+    wait_for_data_s: int = 0
     # Tokenization workers for `gpt2.prepare`; 0 means one per CPU core.
     workers: int = 0
     # "process" (measured 2.2x build-nanogpt's loop on 2 cores, threads 1.5x: docs/benchmarks.md)
@@ -362,7 +365,8 @@ def validate(config: Config) -> None:
         "train.stop_at_step": t.stop_at_step, "train.hang_timeout_s": t.hang_timeout_s,
         "eval.val_every": e.val_every, "eval.val_batches": e.val_batches, "eval.hellaswag_every": e.hellaswag_every,
         "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
-        "data.workers": d.workers, "data.val_tokens": d.val_tokens, "checkpoint.retries": c.retries,
+        "data.workers": d.workers, "data.val_tokens": d.val_tokens, "data.wait_for_data_s": d.wait_for_data_s,
+        "checkpoint.retries": c.retries,
         "launch.max_restarts": config.launch.max_restarts, "launch.max_requeues": config.launch.max_requeues,
         "launch.signal_delay_s": config.launch.signal_delay_s,
     }

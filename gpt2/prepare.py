@@ -32,6 +32,7 @@ from gpt2.shards import (
     npy_bytes,
     read_manifest,
     shard_name,
+    wait_for_manifest,
     write_manifest,
 )
 from gpt2.storage import StorageError, ensure_directory, filesystem, join, with_retries, write_bytes
@@ -357,7 +358,12 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
-    """With data.auto_prepare, rank 0 prepares missing shards (the caller then waits at a barrier)."""
+    """With data.auto_prepare, rank 0 prepares missing shards (the caller then waits at a barrier);
+    with data.wait_for_data_s, every rank waits for another job to prepare them."""
+    if cfg.data.wait_for_data_s and not cfg.data.auto_prepare:
+        say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+        wait_for_manifest(cfg.data.dir, cfg.data.storage_options, cfg.data.wait_for_data_s, say)
+        return
     if not (cfg.data.auto_prepare and is_main):
         return
     manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)

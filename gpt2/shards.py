@@ -15,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,30 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     if not fs.exists(path):
         return None
     return Manifest.from_json(fs.cat_file(path).decode(), f"{url}/{MANIFEST}")
+
+
+def wait_for_manifest(url: str, storage_options: dict[str, Any] | None, timeout_s: float,
+                      say: Callable[[str], None], poll_s: float = 10.0) -> None:
+    """Wait until `url` holds a complete manifest, saying what it waits for (every minute);
+    DataError when `timeout_s` passes first."""
+    start = time.monotonic()
+    said = -math.inf
+    while True:
+        manifest = read_manifest(url, storage_options)
+        if manifest is not None and manifest.complete:
+            return
+        waited = time.monotonic() - start
+        state = "missing" if manifest is None else f"incomplete ({len(manifest.shards)} shards so far)"
+        if waited >= timeout_s:
+            raise DataError(
+                f"{url}/{MANIFEST} is still {state} after waiting {waited:.0f} s (data.wait_for_data_s="
+                f"{timeout_s:g}); prepare the data (python -m gpt2.prepare CONFIG data.dir={url}, "
+                "python launch/slurm.py prepare, or the gpt2-prepare Job on Kubernetes) or wait longer")
+        if waited - said >= 60:
+            say(f"waiting for data: {url}/{MANIFEST} is {state}; waiting up to {timeout_s - waited:.0f} s more "
+                "(data.wait_for_data_s)")
+            said = waited
+        time.sleep(min(poll_s, max(timeout_s - waited, 0.1)))
 
 
 def write_manifest(url: str, manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
