@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
 import time
 from array import array
@@ -35,7 +36,7 @@ from gpt2.shards import (
     wait_for_manifest,
     write_manifest,
 )
-from gpt2.storage import StorageError, ensure_directory, filesystem, join, with_retries, write_bytes
+from gpt2.storage import StorageError, ensure_directory, filesystem, is_local, join, with_retries, write_bytes
 from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
@@ -317,6 +318,9 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     first = next(docs, None)
     docs = _skip(chain([] if first is None else [first], docs), next_doc)
     ensure_directory(d.dir, d.storage_options, "data.dir")
+    if is_local(fs):  # a preparation killed mid-write leaves its temporary file behind
+        for stale in glob.glob(os.path.join(root, ".*.tmp-*")):
+            os.remove(stale)
     with_retries(lambda: fs.makedirs(root, exist_ok=True), f"creating {d.dir}")
     meter = Progress(total_tokens_hint, progress)
     first_doc = next_doc  # index of the first document of the current batch

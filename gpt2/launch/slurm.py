@@ -1,7 +1,12 @@
 """SLURM through submitit: one job of N nodes, one torchrun agent per node, requeue on preemption.
 
     python launch/slurm.py --nodes 2 --gpus 8 [--config configs/gpt2-124m.yaml] [--partition P] ...
-        [--dry-run] [--follow] [key=value ...]
+        [--prepare] [--dry-run] [--follow] [key=value ...]
+    python launch/slurm.py prepare [--cpus N] [--time T] [--config ...] [key=value ...]
+
+`prepare` submits the data preparation as a CPU job; `--prepare` submits it and the training, which
+SLURM starts only after the preparation succeeded (--dependency=afterok). A training job whose data
+is visibly missing is refused before it queues.
 
 Each node runs one submitit task, which runs `torchrun --nnodes N --nproc-per-node G` with c10d
 rendezvous on the first host of the allocation. SLURM sends SIGUSR2 `--signal-delay` seconds before
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2.config import Config
 from gpt2.launch.common import (
     RDZV_PORT,
     TRAINER_ENV,
@@ -36,6 +42,8 @@ from gpt2.launch.common import (
     require,
     torchrun_command,
 )
+from gpt2.shards import DataError, read_manifest
+from gpt2.storage import StorageError
 
 DEFAULT_CPUS_PER_GPU = 8
 # squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
@@ -58,6 +66,7 @@ class Options:
     name: str | None = None
     run_dir: str | None = None
     signal_delay_s: int | None = None
+    cpus: int | None = None  # the preparation job's CPUs (and tokenizer workers); default: a whole node
     overrides: list[str] = field(default_factory=list)
 
 
@@ -73,12 +82,16 @@ class Plan:
     executor_params: dict[str, Any]
     max_restarts: int
     config_path: str
+    data_dir: str
+    kind: str = "train"  # or "prepare"
 
     @property
     def folder(self) -> Path:
         return self.run_dir / "submitit"
 
     def command(self, first_host: str = "$MASTER_HOST", job_id: str = "$SLURM_JOB_ID") -> list[str]:
+        if self.kind == "prepare":
+            return ["python", "-m", "gpt2.prepare", self.config_path, *self.overrides]
         return torchrun_command(self.config_path, self.overrides, nproc_per_node=self.procs_per_node,
                                 nnodes=str(self.nodes), rdzv_endpoint=f"{first_host}:{RDZV_PORT}", rdzv_id=job_id,
                                 max_restarts=self.max_restarts)
@@ -140,8 +153,54 @@ def cpus_per_task(opts: Options, procs: int, cpus_per_node: int | None) -> int:
     return wanted
 
 
+def placed_paths(cfg: Config, opts: Options, overrides: list[str]) -> tuple[Path, list[str]]:
+    """The job's run directory and the overrides that put data, checkpoints and TensorBoard on shared
+    storage, absolute, the same for the preparation and the training job:
+
+        <run root>/data/<name of data.dir>      (unless data.dir is absolute, a URL, or set here)
+        <run root>/<name>/checkpoints, /tensorboard, /submitit
+
+    `tensorboard --logdir <run root>` shows every run.
+    """
+    root = Path(opts.run_dir or cfg.launch.run_dir).absolute()
+    run_dir = root / (opts.name or cfg.name)
+    placed = {o.split("=", 1)[0] for o in overrides}
+    defaults = []
+    if "data.dir" not in placed and "://" not in cfg.data.dir and not Path(cfg.data.dir).is_absolute():
+        defaults.append(f"data.dir={root / 'data' / Path(cfg.data.dir).name}")
+    if "checkpoint.dir" not in placed:
+        defaults.append(f"checkpoint.dir={run_dir / 'checkpoints'}")
+    if "logging.dir" not in placed:
+        defaults.append(f"logging.dir={run_dir / 'tensorboard'}")
+    return run_dir, defaults
+
+
+def executor_params(opts: Options, cfg: Config, name: str, nodes: int, cpus: int, run_dir: Path) -> dict[str, Any]:
+    """submitit's SLURM parameters, shared by the preparation and the training job."""
+    delay = opts.signal_delay_s if opts.signal_delay_s is not None else cfg.launch.signal_delay_s
+    params: dict[str, Any] = dict(
+        nodes=nodes,
+        ntasks_per_node=1,  # training: one torchrun agent per node, which starts the per-GPU processes
+        cpus_per_task=cpus,
+        time=time_to_minutes(opts.time),
+        job_name=name,
+        signal_delay_s=delay,
+        max_num_timeout=cfg.launch.max_requeues,
+        additional_parameters={"open-mode": "append"},
+        setup=[f"export {k}={shlex.quote(v)}" for k, v in TRAINER_ENV.items()],
+    )
+    for key in ("partition", "account", "qos", "mem"):
+        if getattr(opts, key):
+            params[key] = getattr(opts, key)
+    if opts.container_image:
+        params["srun_args"] = [f"--container-image={opts.container_image}",
+                               f"--container-mounts={run_dir.parent}:{run_dir.parent}",
+                               f"--container-workdir={os.getcwd()}"]
+    return params
+
+
 def plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
-    """Resolve and check the options (LaunchError on bad input; nothing is submitted).
+    """Resolve and check the training job (LaunchError on bad input; nothing is submitted).
     `cpus_per_node`: what the cluster's nodes have, when known (`check_cluster`)."""
     check_options(opts)
     cfg = load_trainer_config(opts.config, opts.overrides)
@@ -151,37 +210,56 @@ def plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
         print(note, file=sys.stderr)
     if opts.container_image:
         check_image(opts.container_image)
+    run_dir, defaults = placed_paths(cfg, opts, overrides)
     name = opts.name or cfg.name
-    run_dir = Path(opts.run_dir or cfg.launch.run_dir).absolute() / name
-    # checkpoints and TensorBoard under the run directory unless the user placed them
-    placed = {o.split("=", 1)[0] for o in overrides}
-    defaults = []
-    if "checkpoint.dir" not in placed:
-        defaults.append(f"checkpoint.dir={run_dir / 'checkpoints'}")
-    if "logging.dir" not in placed:
-        defaults.append(f"logging.dir={run_dir / 'tensorboard'}")
-    delay = opts.signal_delay_s if opts.signal_delay_s is not None else cfg.launch.signal_delay_s
-    params: dict[str, Any] = dict(
-        nodes=opts.nodes,
-        ntasks_per_node=1,  # one torchrun agent per node; it starts the per-GPU processes
-        cpus_per_task=cpus_per_task(opts, procs, cpus_per_node),
-        time=time_to_minutes(opts.time),
-        job_name=name,
-        signal_delay_s=delay,
-        max_num_timeout=cfg.launch.max_requeues,
-        additional_parameters={"open-mode": "append"},
-        setup=[f"export {k}={shlex.quote(v)}" for k, v in TRAINER_ENV.items()],
-    )
+    params = executor_params(opts, cfg, name, opts.nodes, cpus_per_task(opts, procs, cpus_per_node), run_dir)
     if opts.gpus:
         params["gpus_per_node"] = opts.gpus
-    for key in ("partition", "account", "qos", "mem"):
-        if getattr(opts, key):
-            params[key] = getattr(opts, key)
-    if opts.container_image:
-        params["srun_args"] = [f"--container-image={opts.container_image}",
-                               f"--container-mounts={run_dir}:{run_dir}", f"--container-workdir={os.getcwd()}"]
+    final = load_trainer_config(opts.config, defaults + overrides)
     return Plan(name=name, run_dir=run_dir, nodes=opts.nodes, procs_per_node=procs, overrides=defaults + overrides,
-                executor_params=params, max_restarts=cfg.launch.max_restarts, config_path=opts.config)
+                executor_params=params, max_restarts=cfg.launch.max_restarts, config_path=opts.config,
+                data_dir=final.data.dir)
+
+
+def prepare_plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
+    """The preparation job: one node, `--cpus` CPUs (default: a whole node) and as many tokenizer
+    workers; the same data.dir as the training job. Requeued on preemption like training: the
+    preparation resumes after its last finished shard."""
+    check_options(opts)
+    cfg = load_trainer_config(opts.config, opts.overrides)
+    if opts.cpus is not None and opts.cpus < 1:
+        raise LaunchError(f"--cpus must be at least 1, got {opts.cpus}")
+    if opts.cpus is not None and cpus_per_node is not None and opts.cpus > cpus_per_node:
+        raise LaunchError(f"--cpus {opts.cpus} is more than a node of {opts.partition or 'the default partition'} "
+                          f"has ({cpus_per_node}): the job could never start")
+    cpus = opts.cpus or cpus_per_node or DEFAULT_CPUS_PER_GPU
+    run_dir, defaults = placed_paths(cfg, opts, opts.overrides)
+    data_defaults = [d for d in defaults if d.startswith("data.dir=")]
+    overrides = [*data_defaults, *opts.overrides, f"data.workers={cpus}"]
+    name = f"{opts.name or cfg.name}-prepare"
+    params = executor_params(opts, cfg, name, 1, cpus, run_dir)
+    final = load_trainer_config(opts.config, overrides)
+    return Plan(name=name, run_dir=run_dir, nodes=1, procs_per_node=1, overrides=overrides, executor_params=params,
+                max_restarts=0, config_path=opts.config, data_dir=final.data.dir, kind="prepare")
+
+
+def check_data(p: Plan, opts: Options) -> None:
+    """Refuse a training job whose data is visibly not there: it would queue, get its GPUs and fail."""
+    cfg = load_trainer_config(opts.config, p.overrides)
+    if cfg.data.auto_prepare or cfg.data.wait_for_data_s:
+        return  # the trainer prepares it, or waits for it
+    try:
+        manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
+    except (DataError, StorageError, OSError) as err:
+        print(f"note: could not check {cfg.data.dir} from here ({err}); submitting anyway", file=sys.stderr)
+        return
+    if manifest is None or not manifest.complete:
+        state = "is missing" if manifest is None else f"is incomplete ({len(manifest.shards)} shards so far)"
+        again = shlex.join(["python", "launch/slurm.py", "prepare", "--config", opts.config, *opts.overrides])
+        raise LaunchError(
+            f"the training data {cfg.data.dir}/manifest.json {state}: the job would wait for GPUs, then fail. "
+            f"Prepare it first ({again}), or add --prepare to submit the preparation and make training wait for "
+            "it (--dependency=afterok)")
 
 
 def check_cluster(opts: Options) -> int | None:
@@ -214,8 +292,9 @@ def check_cluster(opts: Options) -> int | None:
     return max(cpus) if cpus else None
 
 
-class TrainTask:
-    """What each SLURM task runs (picklable by reference, so it lives in this importable module)."""
+class JobTask:
+    """What each SLURM task runs, the training or the preparation (picklable by reference, so it lives
+    in this importable module)."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -228,29 +307,35 @@ class TrainTask:
         cmd = self.plan.command(first_host=hosts[0], job_id=os.environ.get("SLURM_JOB_ID", "gpt2"))
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"[gpt2] node {os.environ.get('SLURM_NODEID')} (requeue {restart}): {shlex.join(cmd)}", flush=True)
-        # torchrun of this very environment, whatever PATH the job inherited
-        self._proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env=env)
+        # torchrun and python of this very environment, whatever PATH the job inherited
+        program = [sys.executable, "-m", "torch.distributed.run"] if cmd[0] == "torchrun" else [sys.executable]
+        # the preparation in a session of its own, so that checkpoint() can stop it with its workers
+        self._proc = subprocess.Popen([*program, *cmd[1:]], env=env, start_new_session=self.plan.kind == "prepare")
         while self._proc.poll() is None:  # poll, not wait(): the USR2 handler below waits too
             time.sleep(0.5)
         code = self._proc.returncode
         if code != 0:
             if int(os.environ.get("SLURM_PROCID", "0")) != 0:
                 time.sleep(60)  # a preempted peer: task 0 is about to requeue the job, which ends us
-            raise RuntimeError(f"torchrun exited with {code}; see the log above")
+            raise RuntimeError(f"{shlex.join(cmd[:3])} exited with {code}; see the log above")
         return code
 
     def checkpoint(self) -> Any:
-        """Called by submitit on SIGUSR2 (task 0): the trainers got the signal too and are saving a
-        checkpoint; wait until they exit, then let submitit requeue the same task."""
+        """Called by submitit on SIGUSR2 (task 0). Training: the trainers got the signal too and are
+        saving a checkpoint; wait until they exit. Preparation: stop it now (it resumes after its last
+        finished shard). Then let submitit requeue the same task."""
         import submitit
 
+        if self.plan.kind == "prepare" and self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
         deadline = time.time() + self.plan.executor_params["signal_delay_s"] - 5
         while self._proc is not None and self._proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         if self._proc is not None and self._proc.returncode == 0:
             return None  # training finished meanwhile: nothing to requeue
-        print("[gpt2] checkpoint saved after the preemption signal; requeueing", flush=True)
-        return submitit.helpers.DelayedSubmission(TrainTask(self.plan))
+        print(f"[gpt2] {'preparation stopped' if self.plan.kind == 'prepare' else 'checkpoint saved'} after the "
+              "preemption signal; requeueing", flush=True)
+        return submitit.helpers.DelayedSubmission(JobTask(self.plan))
 
 
 def executor_for(p: Plan):
@@ -314,46 +399,89 @@ def follow(job, log: Path) -> int:
         time.sleep(2)
 
 
-def submit(opts: Options, dry_run: bool = False, do_follow: bool = False) -> int:
+def submit(opts: Options, dry_run: bool = False, do_follow: bool = False, with_prepare: bool = False,
+           prepare_only: bool = False) -> int:
+    """Submit the training job, the preparation job, or both (training after the preparation succeeded)."""
+    cpus_per_node = None if dry_run else check_cluster(opts)
+    prep = prepare_plan(opts, cpus_per_node) if (with_prepare or prepare_only) else None
+    train = None if prepare_only else plan(opts, cpus_per_node)
+    if train is not None and prep is not None and train.data_dir != prep.data_dir:
+        raise LaunchError(f"the preparation would write {prep.data_dir} but training reads {train.data_dir}")
     if dry_run:
-        print(dry_run_text(plan(opts)))
+        print("\n".join(dry_run_text(p) for p in (prep, train) if p is not None))
         return 0
-    p = plan(opts, cpus_per_node=check_cluster(opts))
-    p.folder.mkdir(parents=True, exist_ok=True)
-    job = executor_for(p).submit(TrainTask(p))
-    log = p.folder / job.job_id / f"{job.job_id}_0_log.out"
-    print(f"submitted job {job.job_id} ({p.nodes} node(s) x {p.procs_per_node} process(es))\n"
-          f"  log:         {log}\n"
-          f"  watch:       squeue -j {job.job_id}; tail -f {log}\n"
-          f"  TensorBoard: tensorboard --logdir {p.run_dir.parent}\n"
-          f"  checkpoints: {p.run_dir / 'checkpoints'}")
-    return follow(job, log) if do_follow else 0
+    if train is not None and prep is None:
+        check_data(train, opts)
+    jobs = []
+    for p in (prep, train):
+        if p is None:
+            continue
+        if p is train and prep is not None:  # starts only once the preparation has succeeded
+            p.executor_params["additional_parameters"]["dependency"] = f"afterok:{jobs[0][0].job_id}"
+        p.folder.mkdir(parents=True, exist_ok=True)
+        job = executor_for(p).submit(JobTask(p))
+        log = p.folder / job.job_id / f"{job.job_id}_0_log.out"
+        jobs.append((job, log))
+        what = ("preparation of " + p.data_dir if p.kind == "prepare"
+                else f"training ({p.nodes} node(s) x {p.procs_per_node} process(es))")
+        after = f", after job {jobs[0][0].job_id} succeeds" if len(jobs) == 2 else ""
+        print(f"submitted job {job.job_id}: {what}{after}\n"
+              f"  log:         {log}\n"
+              f"  watch:       squeue -j {job.job_id}; tail -f {log}")
+    last = jobs[-1][0]
+    print(f"  data:        {(train or prep).data_dir}")  # type: ignore[union-attr]
+    if train is not None:
+        print(f"  TensorBoard: tensorboard --logdir {train.run_dir.parent}\n"
+              f"  checkpoints: {train.run_dir / 'checkpoints'}")
+    if not do_follow:
+        return 0
+    for job, log in jobs:
+        code = follow(job, log)
+        if code != 0:
+            if job is not last:
+                subprocess.run(["scancel", last.job_id], capture_output=True)
+                print(f"[gpt2] cancelled the training job {last.job_id}: its preparation failed", flush=True)
+            return code
+    return 0
 
 
-def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
-    a = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__.split("\n")[0])
-    a.add_argument("--nodes", type=int, default=1)
-    a.add_argument("--gpus", type=int, default=8, help="GPUs (processes) per node; 0 runs one CPU process per node")
+def parse_args(argv: list[str], prepare: bool = False) -> tuple[Options, argparse.Namespace]:
+    prog = "python launch/slurm.py" + (" prepare" if prepare else "")
+    a = argparse.ArgumentParser(prog=prog, description=("Prepare the data as a CPU job." if prepare
+                                                        else __doc__.split("\n")[0]))
+    if prepare:
+        a.add_argument("--cpus", type=int, default=None,
+                       help="CPUs of the job, and tokenizer workers (default: all of a node)")
+        a.add_argument("--time", default="12:00:00", help="time limit, [D-]HH:MM:SS")
+        a.set_defaults(nodes=1, gpus=0)
+    else:
+        a.add_argument("--nodes", type=int, default=1)
+        a.add_argument("--gpus", type=int, default=8,
+                       help="GPUs (processes) per node; 0 runs one CPU process per node")
+        a.add_argument("--time", default=Options.time, help="time limit, [D-]HH:MM:SS")
+        a.add_argument("--cpus-per-gpu", type=int, default=None,
+                       help=f"CPUs per process (default {DEFAULT_CPUS_PER_GPU}, capped at what a node has)")
+        a.add_argument("--signal-delay", type=int, default=None, dest="signal_delay_s",
+                       help="seconds before the time limit at which SIGUSR2 asks for a checkpoint")
+        a.add_argument("--prepare", action="store_true",
+                       help="also submit the data preparation; training starts once it has succeeded")
+        a.add_argument("--prepare-cpus", type=int, default=None, dest="cpus",
+                       help="CPUs of the preparation job with --prepare (default: all of a node)")
     a.add_argument("--config", default=Options.config)
     a.add_argument("--partition")
     a.add_argument("--account")
     a.add_argument("--qos")
-    a.add_argument("--time", default=Options.time, help="time limit, [D-]HH:MM:SS")
-    a.add_argument("--cpus-per-gpu", type=int, default=None,
-                   help=f"CPUs per process (default {DEFAULT_CPUS_PER_GPU}, capped at what a node has)")
     a.add_argument("--mem")
     a.add_argument("--container-image", help="pyxis/enroot image for clusters that run jobs in containers")
     a.add_argument("--name")
-    a.add_argument("--run-dir", help="shared directory for logs, checkpoints and TensorBoard (default: launch.run_dir)")
-    a.add_argument("--signal-delay", type=int, default=None, dest="signal_delay_s",
-                   help="seconds before the time limit at which SIGUSR2 asks for a checkpoint")
-    a.add_argument("--dry-run", action="store_true", help="print the sbatch script and torchrun command only")
+    a.add_argument("--run-dir", help="shared directory for data, logs, checkpoints and TensorBoard "
+                                     "(default: launch.run_dir)")
+    a.add_argument("--dry-run", action="store_true", help="print the sbatch script and command only")
     a.add_argument("--follow", action="store_true", help="tail the job's log until it ends")
     a.add_argument("overrides", nargs="*", help="trainer config overrides key=value")
     args = a.parse_args(argv)
-    opts = Options(**{k: v for k, v in vars(args).items() if k not in ("dry_run", "follow", "overrides")},
-                   overrides=check_overrides(args.overrides))
-    return opts, args
+    fields = {k: v for k, v in vars(args).items() if k not in ("dry_run", "follow", "overrides", "prepare")}
+    return Options(**fields, overrides=check_overrides(args.overrides)), args
 
 
 def command_main(argv: list[str] | None = None) -> int:
@@ -370,8 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["--print-torchrun"]:
             return command_main(argv[1:])
+        if argv[:1] == ["prepare"]:
+            opts, args = parse_args(argv[1:], prepare=True)
+            return submit(opts, dry_run=args.dry_run, do_follow=args.follow, prepare_only=True)
         opts, args = parse_args(argv)
-        return submit(opts, dry_run=args.dry_run, do_follow=args.follow)
+        return submit(opts, dry_run=args.dry_run, do_follow=args.follow, with_prepare=args.prepare)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

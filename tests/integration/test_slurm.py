@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, REPO, run_cli, tiny_overrides
+from conftest import IN_CI, REPO, run_cli, shared_file, tiny_overrides
 from helpers.runs import steps
 
 pytestmark = pytest.mark.slurm
@@ -169,3 +170,74 @@ def test_a_job_that_can_never_start_is_recognised(slurm, tmp_path):
         assert reason is not None and reason.startswith("PartitionConfig"), reason
     finally:
         subprocess.run(["scancel", job_id])
+
+
+# ---- the data preparation as a job of its own (issue: the whole job on a cluster) ---------------------
+
+NO_AUTO = {"data.auto_prepare": "false"}
+
+
+def data_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if not p.name.startswith(".")}
+
+
+def queue() -> str:
+    return subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+
+
+def test_prepare_job_produces_the_shards(slurm, tmp_path):
+    r = run_cli(["launch/slurm.py", "prepare", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "runs"),
+                 "--time", "00:10:00", "--follow", *overrides(tmp_path)], env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ended: COMPLETED" in r.stdout and "data.workers=2" in r.stdout  # a whole node's CPUs
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) >= 2
+
+
+def test_training_with_missing_data_is_refused_and_nothing_queued(slurm, tmp_path):
+    before = queue()
+    r = launch(tmp_path, extra=NO_AUTO)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{tmp_path / 'data'}/manifest.json is missing" in r.stderr and "launch/slurm.py prepare" in r.stderr
+    assert "--prepare" in r.stderr and queue() == before
+
+
+def test_prepare_then_train_in_one_command(slurm, tmp_path):
+    r = launch(tmp_path, "--prepare", extra=dict(NO_AUTO, **{"train.max_steps": 6}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    ids = [line.split("submitted job ")[1].split(":")[0] for line in r.stdout.splitlines() if "submitted job" in line]
+    assert len(ids) == 2 and f"after job {ids[0]} succeeds" in r.stdout
+    times = {}
+    for job_id in ids:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,Start,End"],
+                             capture_output=True, text=True).stdout.split()[0].split("|")
+        assert out[0] == "COMPLETED", out
+        times[job_id] = out[1:]
+    assert times[ids[1]][0] >= times[ids[0]][1]  # training started once the preparation had ended
+    assert sorted(run_steps(tmp_path)) == list(range(6))
+
+
+def test_a_preempted_preparation_is_requeued_and_writes_the_same_bytes(slurm, tmp_path):
+    text = shared_file("tinyshakespeare.txt").read_text()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join([text] * 100))
+    settings = [f"data.source={corpus}", "data.txt_split=paragraph", "tokenizer.name=gpt2",
+                f"tokenizer.files_dir={shared_file('gpt2_encoder.json').parent}", "model.vocab_size=50257",
+                "data.shard_tokens=500000", "data.val_tokens=500000"]
+    ref = run_cli(["-m", "gpt2.prepare", "configs/demo.yaml", f"data.dir={tmp_path / 'ref'}", "data.workers=2",
+                   *settings])
+    assert ref.returncode == 0, ref.stderr
+    r = run_cli(["launch/slurm.py", "prepare", "--config", "configs/demo.yaml", "--run-dir", str(tmp_path / "runs"),
+                 "--time", "00:20:00", f"data.dir={tmp_path / 'data'}", *settings], env={"TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = r.stdout.split("submitted job ")[1].split(":")[0]
+    manifest = tmp_path / "data" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3):
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    state = wait_job(job_id, timeout=400)
+    log = "\n".join(p.read_text() for p in (tmp_path / "runs").rglob("*_log.*"))
+    assert state == "COMPLETED", log[-4000:]
+    assert "requeueing" in log and "resuming:" in log, log[-4000:]
+    assert data_files(tmp_path / "data") == data_files(tmp_path / "ref")
