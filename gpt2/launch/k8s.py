@@ -1,6 +1,7 @@
 """Kubernetes: create, follow and delete the rendered manifests on a cluster.
 
-    python launch/k8s.py create [--nodes 2 --gpus 8 --image IMG:TAG ...] [--dry-run] [--follow] [key=value ...]
+    python launch/k8s.py create [--nodes 2 --gpus 8 --image IMG:TAG ...] [--prepare] [--dry-run] [--follow]
+        [key=value ...]
     python launch/k8s.py delete [--name NAME] [--namespace NS]
     python launch/k8s.py render --out k8s/          # regenerates the checked-in manifests
 
@@ -57,6 +58,7 @@ def _creators(api) -> dict[str, tuple[Any, Any]]:
     from kubernetes import client
 
     core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    batch = client.BatchV1Api(api)
     raw = {"_preload_content": False}
     job_api = ("kubeflow.org", "v1")
     return {
@@ -67,28 +69,43 @@ def _creators(api) -> dict[str, tuple[Any, Any]]:
                        lambda ns, name: apps.delete_namespaced_deployment(name, ns, **raw)),
         "Service": (lambda ns, body: core.create_namespaced_service(ns, body, **raw),
                     lambda ns, name: core.delete_namespaced_service(name, ns, **raw)),
+        "Job": (lambda ns, body: batch.create_namespaced_job(ns, body, **raw),
+                lambda ns, name: batch.delete_namespaced_job(name, ns, propagation_policy="Background", **raw)),
         "PyTorchJob": (
             lambda ns, body: custom.create_namespaced_custom_object(*job_api, ns, "pytorchjobs", body, **raw),
             lambda ns, name: custom.delete_namespaced_custom_object(*job_api, ns, "pytorchjobs", name, **raw)),
     }
 
 
-def create(manifests: dict[str, list[dict[str, Any]]], api, namespace: str) -> list[tuple[str, str]]:
+def create(manifests: dict[str, list[dict[str, Any]]], api, namespace: str, prepare: bool = False,
+           show_progress: bool = False, poll_s: float = 10.0) -> list[tuple[str, str]]:
     """Create the companions, then the job. Companions that already exist are reused; if anything
-    fails, what this call created is deleted again and LaunchError carries the server's message."""
+    fails, what this call created is deleted again and LaunchError carries the server's message.
+
+    With `prepare`, the preparation Job is created with the companions, and the PyTorchJob only
+    once it has succeeded (a failed preparation creates no PyTorchJob; prepared data is never rolled back).
+    """
+    ops = _creators(api)
+    first = manifests["pvc.yaml"] + manifests["tensorboard.yaml"] + (manifests["prepare-job.yaml"] if prepare else [])
+    if not prepare:
+        return _create_each(first + manifests["pytorchjob.yaml"], ops, namespace)
+    created = _create_each(first, ops, namespace)
+    wait_for_preparation(api, manifests["prepare-job.yaml"][0]["metadata"]["name"], namespace, show_progress, poll_s)
+    return created + _create_each(manifests["pytorchjob.yaml"], ops, namespace)
+
+
+def _create_each(objs: list[dict[str, Any]], ops, namespace: str) -> list[tuple[str, str]]:
     from kubernetes.client.exceptions import ApiException
 
-    ops = _creators(api)
-    order = manifests["pvc.yaml"] + manifests["tensorboard.yaml"] + manifests["pytorchjob.yaml"]
     created: list[tuple[str, str]] = []
-    for obj in order:
+    for obj in objs:
         kind, name = obj["kind"], obj["metadata"]["name"]
         try:
             ops[kind][0](namespace, obj)
             created.append((kind, name))
             print(f"created {kind} {namespace}/{name}")
         except ApiException as err:
-            if err.status == 409 and kind != "PyTorchJob":
+            if err.status == 409 and kind not in ("PyTorchJob", "Job"):
                 print(f"{kind} {namespace}/{name} already exists: reusing it")
                 continue
             rolled = _rollback(created, ops, namespace)
@@ -97,6 +114,34 @@ def create(manifests: dict[str, list[dict[str, Any]]], api, namespace: str) -> l
             raise LaunchError(f"creating {kind} {namespace}/{name} failed: {_api_message(err)}{hint}"
                               f"{rolled}") from None
     return created
+
+
+def wait_for_preparation(api, name: str, namespace: str, show_progress: bool, poll_s: float = 10.0) -> None:
+    """Until the preparation Job has succeeded; LaunchError when it has failed for good."""
+    import json
+
+    from kubernetes import client
+
+    batch = client.BatchV1Api(api)
+    print(f"waiting for the preparation Job {namespace}/{name}; logs: kubectl logs -n {namespace} job/{name} -f")
+    last = None
+    while True:
+        job = json.loads(batch.read_namespaced_job_status(name, namespace, _preload_content=False).data)
+        status = job.get("status", {})
+        failed = [c for c in status.get("conditions", []) if c.get("type") == "Failed" and c.get("status") == "True"]
+        counts = (status.get("active", 0), status.get("succeeded", 0), status.get("failed", 0))
+        if show_progress and counts != last:
+            print(f"preparation {name}: active {counts[0]}, succeeded {counts[1]}, failed {counts[2]}", flush=True)
+            last = counts
+        if counts[1]:
+            print(f"preparation {name} succeeded")
+            return
+        if failed:
+            raise LaunchError(f"the preparation Job {namespace}/{name} failed ({failed[0].get('reason', '')}: "
+                              f"{failed[0].get('message', '')}); the PyTorchJob was not created. See "
+                              f"kubectl logs -n {namespace} job/{name}; the data prepared so far is kept on the "
+                              "volume and a new preparation resumes after its last shard")
+        time.sleep(poll_s)
 
 
 def _rollback(created: list[tuple[str, str]], ops, namespace: str) -> str:
@@ -116,7 +161,7 @@ def delete(api, name: str, namespace: str, with_companions: bool) -> None:
     from kubernetes.client.exceptions import ApiException
 
     ops = _creators(api)
-    targets = [("PyTorchJob", name)]
+    targets = [("PyTorchJob", name), ("Job", f"{name}-prepare")]
     if with_companions:
         targets += [("Service", TENSORBOARD), ("Deployment", TENSORBOARD)]
     for kind, obj in targets:
@@ -174,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--storage-class", default=None)
         s.add_argument("--name", default=None, help="job name (default: the config's name)")
         s.add_argument("--namespace", default=None)
+        s.add_argument("--prepare-cpus", type=int, default=Options.prepare_cpus,
+                       help="CPUs of the data preparation Job (and its tokenizer workers)")
         s.add_argument("overrides", nargs="*", help="trainer config overrides key=value")
         if name == "create":
+            s.add_argument("--prepare", action="store_true",
+                           help="run the data preparation Job first; the PyTorchJob starts once it has succeeded")
             s.add_argument("--dry-run", action="store_true", help="print the manifests, create nothing")
             s.add_argument("--follow", action="store_true", help="watch the job until it succeeds or fails")
             s.add_argument("--kubeconfig", default=None)
@@ -194,18 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         opts = Options(config=args.config, nodes=args.nodes, min_nodes=args.min_nodes, max_nodes=args.max_nodes,
                        gpus=args.gpus, image=args.image, storage=args.storage, pvc_size=args.pvc_size,
                        storage_class=args.storage_class, name=args.name, namespace=args.namespace,
-                       overrides=check_overrides(args.overrides))
+                       prepare_cpus=args.prepare_cpus, overrides=check_overrides(args.overrides))
         manifests = render(opts)
         if args.command == "render":
             write(manifests, Path(args.out))
             print(f"wrote {', '.join(manifests)} to {args.out}/")
             return 0
+        order = (manifests["pvc.yaml"] + manifests["tensorboard.yaml"]
+                 + (manifests["prepare-job.yaml"] if args.prepare else []) + manifests["pytorchjob.yaml"])
         if args.dry_run:
-            print(to_yaml(manifests["pvc.yaml"] + manifests["tensorboard.yaml"] + manifests["pytorchjob.yaml"]))
+            print(to_yaml(order))
             return 0
         namespace = args.namespace or "default"
         api = api_client(args.kubeconfig)
-        create(manifests, api, namespace)
+        create(manifests, api, namespace, prepare=args.prepare, show_progress=args.follow)
         job = manifests["pytorchjob.yaml"][0]["metadata"]["name"]
         print(f"watch: kubectl get pytorchjob -n {namespace} {job} -w | logs: kubectl logs -n {namespace} "
               f"-l {JOB_LABEL}={job} -f | TensorBoard: kubectl port-forward -n {namespace} svc/{TENSORBOARD} 6006")

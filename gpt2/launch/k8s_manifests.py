@@ -33,6 +33,8 @@ TENSORBOARD = "gpt2-tensorboard"
 JOB_LABEL = "training.kubeflow.org/job-name"
 # torchrun gives workers 30 s after forwarding SIGTERM; the pod's grace period must exceed it.
 GRACE_SECONDS = 120
+# The trainers wait this long for the preparation Job's manifest (`kubectl apply -k` starts both).
+WAIT_FOR_DATA_S = 24 * 3600
 
 
 # RFC 1123 labels; a job name is shorter so that the operator's pod names (NAME-worker-N) fit in 63
@@ -54,6 +56,7 @@ class Options:
     storage: str = "pvc"  # "pvc", or an s3:// URL for data and checkpoints (TensorBoard stays on the PVC)
     pvc_size: str = "500Gi"
     storage_class: str | None = None
+    prepare_cpus: int = 16  # the preparation Job's CPU request and tokenizer workers
     name: str | None = None
     namespace: str | None = None
     overrides: list[str] = field(default_factory=list)
@@ -104,7 +107,11 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
     image = opts.image or cfg.launch.image
     check_image(image)
     job = opts.name or cfg.name
-    overrides = storage_overrides(opts, job) + user_overrides
+    if opts.prepare_cpus < 1:
+        raise LaunchError(f"--prepare-cpus must be at least 1, got {opts.prepare_cpus}")
+    placed = storage_overrides(opts, job)
+    # a trainer started before the preparation has finished waits for its manifest
+    overrides = [*placed, f"data.wait_for_data_s={WAIT_FOR_DATA_S}", *user_overrides]
     command = torchrun_command(opts.config, overrides, nproc_per_node=None)
 
     env = [{"name": k, "value": v} for k, v in TRAINER_ENV.items()]
@@ -199,14 +206,47 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
         "stringData": {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME",
                        "AWS_ENDPOINT_URL": "https://s3.REGION.amazonaws.com", "AWS_DEFAULT_REGION": "REGION"},
     }
+    prepare_labels = {"app.kubernetes.io/part-of": "gpt2", "app.kubernetes.io/name": f"{job}-prepare"}
+    prepare_job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(f"{job}-prepare", opts, **{"app.kubernetes.io/name": f"{job}-prepare"}),
+        "spec": {
+            # a failed or evicted pod is retried; the preparation resumes after its last finished shard
+            "backoffLimit": 10,
+            "template": {
+                "metadata": {"labels": prepare_labels},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "securityContext": pod_spec["securityContext"],
+                    "containers": [{
+                        "name": "prepare",
+                        "image": image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "workingDir": WORKDIR,
+                        # the image's entrypoint: `prepare ARGS` runs python -m gpt2.prepare ARGS
+                        "args": ["prepare", opts.config, *[o for o in placed if o.startswith("data.")],
+                                 *opts.overrides, f"data.workers={opts.prepare_cpus}"],
+                        "env": [*env, {"name": "HF_HOME", "value": f"{RUNS_MOUNT}/.cache/huggingface"}],
+                        "envFrom": container["envFrom"],
+                        "resources": {"requests": {"cpu": str(opts.prepare_cpus), "memory": "32Gi"}},
+                        "securityContext": container["securityContext"],
+                        "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT}],
+                    }],
+                    "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": PVC_NAME}}],
+                },
+            },
+        },
+    }
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": ["pvc.yaml", "tensorboard.yaml", "pytorchjob.yaml"],
+        "resources": ["pvc.yaml", "tensorboard.yaml", "prepare-job.yaml", "pytorchjob.yaml"],
     }
     return {
         "pvc.yaml": [pvc],
         "tensorboard.yaml": [tb_deploy, tb_service],
+        "prepare-job.yaml": [prepare_job],
         "pytorchjob.yaml": [pytorchjob],
         "s3-secret.example.yaml": [secret],
         "kustomization.yaml": [kustomization],

@@ -57,6 +57,7 @@ KIND_DEFINITIONS = {
     ("v1", "Service"): "io.k8s.api.core.v1.Service",
     ("v1", "Secret"): "io.k8s.api.core.v1.Secret",
     ("apps/v1", "Deployment"): "io.k8s.api.apps.v1.Deployment",
+    ("batch/v1", "Job"): "io.k8s.api.batch.v1.Job",
 }
 
 

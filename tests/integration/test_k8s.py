@@ -53,7 +53,7 @@ def test_every_manifest_validates(schemas):
                       else validate_core(doc, swagger))
             assert errors == [], f"{path.name} {doc['kind']}: {errors}"
             checked += 1
-    assert checked == 5
+    assert checked == 6
 
 
 def test_the_pytorchjob_is_what_the_issue_asks_for():
@@ -119,7 +119,7 @@ def test_kustomize_builds_offline():
         pytest.skip("kubectl not installed")
     out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s")], capture_output=True, text=True, check=True)
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout))
-    assert kinds == ["Deployment", "PersistentVolumeClaim", "PyTorchJob", "Service"]
+    assert kinds == ["Deployment", "Job", "PersistentVolumeClaim", "PyTorchJob", "Service"]
 
 
 def test_overrides_and_options_flow_into_the_job():
@@ -164,6 +164,7 @@ class FakeApiServer:
     def __init__(self):
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail: dict[tuple[str, str], tuple[int, str]] = {}
+        self.get: dict[str, dict] = {}  # GET answers by path
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -186,6 +187,16 @@ class FakeApiServer:
 
             def do_POST(self):
                 self._handle("POST")
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                server.requests.append(("GET", path, None))
+                data = json.dumps(server.get[path]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_DELETE(self):
                 self._handle("DELETE")
@@ -332,3 +343,39 @@ def test_two_pods_form_one_job_and_a_killed_pod_resumes(tmp_path):
     assert "resumed from" in log
     assert sorted(steps(tmp_path)) == list(range(40))
     assert steps(tmp_path)[39]["world_size"] in (1, 2)
+
+
+PREP_STATUS = "/apis/batch/v1/namespaces/ml/jobs/gpt2-124m-prepare/status"
+
+
+def test_create_with_prepare_starts_training_only_after_the_preparation_succeeded(api, capsys):
+    api.get[PREP_STATUS] = {"apiVersion": "batch/v1", "kind": "Job", "status": {"succeeded": 1}}
+    m = manifests.render(manifests.Options(namespace="ml"))
+    k8s.create(m, api.client, "ml", prepare=True, show_progress=True, poll_s=0.01)
+    calls = [(method, path) for method, path, _ in api.requests]
+    assert calls == [("POST", "/api/v1/namespaces/ml/persistentvolumeclaims"),
+                     ("POST", "/apis/apps/v1/namespaces/ml/deployments"), ("POST", "/api/v1/namespaces/ml/services"),
+                     ("POST", "/apis/batch/v1/namespaces/ml/jobs"), ("GET", PREP_STATUS), ("POST", JOBS)]
+    assert "preparation gpt2-124m-prepare: active 0, succeeded 1" in capsys.readouterr().out
+
+
+def test_a_failed_preparation_creates_no_training_and_keeps_the_volume(api):
+    api.get[PREP_STATUS] = {"status": {"failed": 11, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit reached"}]}}
+    with pytest.raises(LaunchError, match="BackoffLimitExceeded.*the PyTorchJob was not created"):
+        k8s.create(manifests.render(manifests.Options(namespace="ml")), api.client, "ml", prepare=True, poll_s=0.01)
+    assert ("POST", JOBS) not in [(m, p) for m, p, _ in api.requests]
+    assert [p for m, p, _ in api.requests if m == "DELETE"] == []
+
+
+def test_the_preparation_job_and_the_waiting_trainers():
+    m = manifests.render(manifests.Options(prepare_cpus=32))
+    prep = m["prepare-job.yaml"][0]
+    c = prep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["prepare", "configs/gpt2-124m.yaml"] and "data.workers=32" in c["args"]
+    assert c["resources"]["requests"]["cpu"] == "32" and "nvidia.com/gpu" not in str(c["resources"])
+    assert prep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    train_args = m["pytorchjob.yaml"][0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"][
+        "containers"][0]["args"]
+    data_dir = next(a for a in c["args"] if a.startswith("data.dir="))
+    assert data_dir in train_args and f"data.wait_for_data_s={manifests.WAIT_FOR_DATA_S}" in train_args
