@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"data.dir={tmp.name}/data", "data.auto_prepare=false"]
     try:
         cfg = load_config(args.config, overrides)
+        cfg.train.max_steps = max(cfg.train.max_steps, args.warmup + args.steps)
+        dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cfg.train.max_steps = max(cfg.train.max_steps, args.warmup + args.steps)
-    dist = distributed.init(cfg.train.device)
     if args.synthetic_data and dist.is_main:
         need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
         synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))

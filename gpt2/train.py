@@ -222,7 +222,11 @@ def run(cfg: Config) -> int:
     """Train per `cfg`; returns the process exit code (errors become messages here)."""
     # collectives time out after twice the watchdog's limit: the watchdog, with its clearer message,
     # acts first in the loop; the timeout covers the collectives before it (resume, data barrier)
-    dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
+    try:
+        dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     trainer = None
     code = EXIT_ERROR
     try:

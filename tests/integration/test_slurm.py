@@ -89,7 +89,7 @@ def test_two_nodes_form_one_process_group_and_finish(reference):
 def test_preemption_checkpoints_requeues_and_resumes_exactly(reference, tmp_path):
     r = launch(tmp_path, extra=SLOW, follow=False)
     assert r.returncode == 0, r.stderr
-    job_id = r.stdout.split("submitted job ")[1].split()[0]
+    job_id = r.stdout.split("submitted job ")[1].split(":")[0]
     deadline = time.time() + 180
     while time.time() < deadline and not (run_steps(tmp_path) and max(run_steps(tmp_path)) >= 8):
         time.sleep(0.2)
