@@ -22,6 +22,7 @@ import torch
 from gpt2 import distributed
 from gpt2.config import ConfigError, load_config
 from gpt2.metrics import mfu
+from gpt2.microbatch import choose_micro_batch
 from gpt2.prepare import ensure_data
 from gpt2.shards import Manifest, npy_bytes, shard_name, write_manifest
 from gpt2.tokenizer import tokenizer_class
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic_data and dist.is_main:
         need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
         synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
+    if cfg.train.micro_batch == "auto":
+        cfg.train.micro_batch, _ = choose_micro_batch(cfg, dist)
     ensure_data(cfg, dist.is_main)
     distributed.barrier()
     trainer = Trainer(cfg, dist)

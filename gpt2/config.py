@@ -119,7 +119,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     total_batch_tokens: int = 491_520
-    micro_batch: int = 4
+    # Rows per forward pass: a number, or auto: the largest micro-batch that divides the rows each
+    # rank reads per step (so the global batch stays exact), up to max_micro_batch, and that fits in
+    # GPU memory (a short probe at start-up); reused from the checkpoint at an unchanged world size.
+    # The seed (build-nanogpt) used 4; only throughput depends on it, never the hyper-parameters.
+    micro_batch: Any = 4
+    max_micro_batch: int = 64
     seq_len: int = 1024
     max_steps: int = 19_073
     # Stop this run (with a checkpoint) once this step is reached, keeping the schedule of
@@ -348,7 +353,7 @@ def validate(config: Config) -> None:
     positives = {
         "model.n_layer": m.n_layer, "model.n_head": m.n_head, "model.n_embd": m.n_embd,
         "model.block_size": m.block_size, "model.vocab_size": m.vocab_size, "model.pad_vocab_to": m.pad_vocab_to,
-        "train.total_batch_tokens": t.total_batch_tokens, "train.micro_batch": t.micro_batch,
+        "train.total_batch_tokens": t.total_batch_tokens, "train.max_micro_batch": t.max_micro_batch,
         "train.seq_len": t.seq_len, "train.max_steps": t.max_steps, "train.log_every": t.log_every,
         "optim.lr": o.lr, "optim.eps": o.eps, "optim.grad_clip": o.grad_clip,
         "optim.max_skipped_steps": o.max_skipped_steps, "data.shard_tokens": d.shard_tokens,
@@ -399,7 +404,14 @@ def validate(config: Config) -> None:
     if config.tokenizer.name == "bytes" and config.model.vocab_size < 257:
         raise ConfigError("tokenizer 'bytes' needs model.vocab_size >= 257 (256 bytes + end-of-text)")
     t = config.train
-    grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, world_size=1)
+    if t.micro_batch == "auto":
+        if not exact_micro_batches(t.total_batch_tokens, t.seq_len, [1], t.max_micro_batch):
+            raise ConfigError(f"train.total_batch_tokens ({t.total_batch_tokens}) is not a whole number of "
+                              f"train.seq_len ({t.seq_len}) rows: no micro-batch keeps it exact")
+    elif isinstance(t.micro_batch, bool) or not isinstance(t.micro_batch, int) or t.micro_batch < 1:
+        raise ConfigError(f"train.micro_batch must be a positive number or auto, got {t.micro_batch!r}")
+    else:
+        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, world_size=1)
 
 
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:
@@ -413,6 +425,16 @@ def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, wo
             f"= {per_step}; change one of them so the global batch stays exact"
         )
     return total_batch_tokens // per_step
+
+
+def exact_micro_batches(total_batch_tokens: int, seq_len: int, world_sizes: list[int], cap: int) -> list[int]:
+    """Every micro-batch up to `cap` that keeps the global batch exact at each of `world_sizes`,
+    largest first: the divisors of the rows each rank reads per step (480 rows for 491,520 tokens
+    of 1024: 60 per rank at 8 GPUs and 30 at 16, so 30, 15, 10, 6, 5, 3, 2, 1 serve both)."""
+    if total_batch_tokens % seq_len:
+        return []
+    rows = total_batch_tokens // seq_len
+    return [mb for mb in range(min(cap, rows), 0, -1) if all(rows % (mb * w) == 0 for w in world_sizes)]
 
 
 def to_dict(config: Config, redact: bool = True) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from gpt2.config import Config, ConfigError, cli_config, grad_accum_steps, to_di
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
+from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, TrainingDiverged, build_optimizer, lr_at
 from gpt2.prepare import ensure_data
@@ -68,7 +69,7 @@ class Progress:
 class Trainer:
     """Builds the parts of a run (data, model, optimizer, checkpointer, evaluator, metrics) and trains."""
 
-    def __init__(self, cfg: Config, dist: distributed.Dist):
+    def __init__(self, cfg: Config, dist: distributed.Dist, micro_batch_note: str | None = None):
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.autocast = autocast_for(self.device, self.dtype)
@@ -116,7 +117,10 @@ class Trainer:
                else "MFU unknown (no known peak FLOP/s for this device)"))
         self.metrics.info(f"resumed from {resumed_from} at step {self.progress.step}" if resumed_from
                           else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
-        self.metrics.text("config", "```\n" + to_yaml(cfg, redact=True) + "\n```", self.progress.step)
+        if micro_batch_note:
+            self.metrics.info(micro_batch_note)
+        self.metrics.text("config", "```\n" + to_yaml(cfg, redact=True) + "\n```"
+                          + (f"\n\n{micro_batch_note}" if micro_batch_note else ""), self.progress.step)
 
     def describe(self, step: int) -> dict[str, Any]:
         """What a checkpoint's commit marker says about it (`gpt2.checkpoint inspect` shows it)."""
@@ -230,11 +234,15 @@ def run(cfg: Config) -> int:
     trainer = None
     code = EXIT_ERROR
     try:
+        micro_batch_note = None
+        if cfg.train.micro_batch == "auto":
+            cfg.train.micro_batch, why = choose_micro_batch(cfg, dist)
+            micro_batch_note = f"train.micro_batch=auto chose {cfg.train.micro_batch}: {why}"
         t = cfg.train  # a batch that cannot be split fails before any work
         grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, dist.world_size)
         ensure_data(cfg, dist.is_main)
         distributed.barrier()
-        trainer = Trainer(cfg, dist)
+        trainer = Trainer(cfg, dist, micro_batch_note)
         code = trainer.fit()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

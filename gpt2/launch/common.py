@@ -6,7 +6,15 @@ import importlib
 import re
 from types import ModuleType
 
-from gpt2.config import PUBLIC_STORAGE_OPTIONS, Config, ConfigError, grad_accum_steps, load_config, redact_url
+from gpt2.config import (
+    PUBLIC_STORAGE_OPTIONS,
+    Config,
+    ConfigError,
+    exact_micro_batches,
+    grad_accum_steps,
+    load_config,
+    redact_url,
+)
 
 # Environment for torchrun and the trainer, the same on SLURM, Kubernetes and in the image.
 TRAINER_ENV: dict[str, str] = {
@@ -44,27 +52,31 @@ def fit_micro_batch(cfg: Config, overrides: list[str], world_sizes: list[int], w
                     ) -> tuple[list[str], str | None]:
     """Overrides that keep the global batch exact at every world size in `world_sizes`, and a note.
 
-    If the config's micro-batch does not divide the batch at some world size (2 x 8 GPUs with the
-    seed's 4 x 1024 and 491,520 tokens) and the user did not set train.micro_batch, the largest
-    smaller micro-batch that works everywhere is added as a visible override (the note says so).
-    An explicit choice is checked as given. LaunchError when nothing fits.
+    `auto` is left to the trainer (which probes memory at the world size it runs at), once some
+    micro-batch is known to serve every world size. A number from the config that does not divide
+    the batch at some world size (the seed's 4 at 16 GPUs) becomes the largest exact one below it
+    (`exact_micro_batches`, the trainer's function), added as a visible override. A number given on
+    the command line is checked as given. LaunchError when nothing fits.
     """
     t = cfg.train
     explicit = any(o.startswith("train.micro_batch=") for o in overrides)
-    candidates = [t.micro_batch] if explicit else range(t.micro_batch, 0, -1)
-    for mb in candidates:
-        if all(t.total_batch_tokens % (mb * t.seq_len * w) == 0 for w in world_sizes):
-            if mb == t.micro_batch:
-                return overrides, None
-            return [f"train.micro_batch={mb}", *overrides], (
-                f"note: train.micro_batch={mb} (not {t.micro_batch}) keeps train.total_batch_tokens="
-                f"{t.total_batch_tokens} exact at world size(s) {world_sizes}")
-    bad = next(w for w in world_sizes if t.total_batch_tokens % (t.micro_batch * t.seq_len * w))
+    cap = t.max_micro_batch if t.micro_batch == "auto" else t.micro_batch
+    exact = exact_micro_batches(t.total_batch_tokens, t.seq_len, world_sizes, cap)
+    if t.micro_batch == "auto" and exact:
+        return overrides, None
+    if t.micro_batch in exact:
+        return overrides, None
+    if exact and not explicit:
+        return [f"train.micro_batch={exact[0]}", *overrides], (
+            f"note: train.micro_batch={exact[0]} (not {t.micro_batch}) keeps train.total_batch_tokens="
+            f"{t.total_batch_tokens} exact at world size(s) {world_sizes}")
+    mb = t.micro_batch if t.micro_batch != "auto" else 1
+    bad = next((w for w in world_sizes if t.total_batch_tokens % (mb * t.seq_len * w)), world_sizes[0])
     try:
-        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, bad)
+        grad_accum_steps(t.total_batch_tokens, mb, t.seq_len, bad)
     except ConfigError as err:
         raise LaunchError(f"{what}world size {bad} cannot keep the global batch: {err}") from None
-    raise AssertionError("unreachable")
+    raise LaunchError(f"{what}no micro-batch up to {cap} keeps the global batch exact at world sizes {world_sizes}")
 
 
 def check_image(image: str) -> None:

@@ -86,15 +86,24 @@ def test_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     assert sorted(d.name for d in ckpt.iterdir()) == ["step-00000004", "step-00000006"]
 
 
-def test_world_size_2_then_1_then_2_reads_the_same_tokens(tmp_path):
+# auto: 24 rows per step, at most 8 per micro-batch: 6 at world size 2 (12 rows a rank), 8 at 1
+AUTO = {"train.micro_batch": "auto", "train.max_micro_batch": 8, "train.total_batch_tokens": 24 * 32}
+
+
+@pytest.mark.parametrize("batch", [{}, AUTO], ids=["fixed", "auto"])
+def test_world_size_2_then_1_then_2_reads_the_same_tokens(tmp_path, batch):
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
-    extra = dict(BIGGER, **{"train.max_steps": 12})
+    extra = dict(BIGGER, **{"train.max_steps": 12}, **batch)
     r = train(ref, nproc=2, extra=extra)
     assert r.returncode == 0, r.stdout + r.stderr
+    chosen = []
     for nproc, stop in ((2, 4), (1, 8), (2, 0)):
         r = train(run, nproc=nproc, extra=dict(extra, **{"train.stop_at_step": stop}))
         assert r.returncode == 0, r.stdout + r.stderr
+        chosen += [line for line in r.stdout.splitlines() if "train.micro_batch=auto chose" in line]
+    if batch:  # chosen again whenever the world size changes
+        assert [c.split("chose ")[1].split(":")[0] for c in chosen] == ["6", "8", "6"], chosen
     got, want = steps(run), steps(ref)
     assert [got[s]["world_size"] for s in range(12)] == [2] * 4 + [1] * 4 + [2] * 4
     assert [got[s]["batch_hash"] for s in range(12)] == [want[s]["batch_hash"] for s in range(12)]

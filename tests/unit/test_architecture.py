@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"config", "storage", "tokenizer", "distributed", "runtime", "watchdog"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
     {"data", "checkpoint", "prepare"},
-    {"loading", "sample", "evaluator"},
+    {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate", "checkpoint.__main__"},
     {"bench", "launch", "launch.common", "launch.k8s_manifests", "launch.k8s", "launch.slurm"},
 ]

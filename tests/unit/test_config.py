@@ -7,18 +7,19 @@ import json
 import pytest
 from conftest import run_cli
 
-from gpt2.config import ConfigError, grad_accum_steps, load_config, to_dict, to_yaml
+from gpt2.config import ConfigError, exact_micro_batches, grad_accum_steps, load_config, to_dict, to_yaml
 
 
 def test_124m_config_holds_the_seed_hyper_parameters():
     c = load_config("configs/gpt2-124m.yaml")
     assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size) == (12, 12, 768, 1024)
-    assert c.train.total_batch_tokens == 491_520 and (c.train.micro_batch, c.train.seq_len) == (4, 1024)
+    assert c.train.total_batch_tokens == 491_520 and (c.train.micro_batch, c.train.seq_len) == ("auto", 1024)
     assert (c.optim.lr, c.optim.min_lr, c.optim.warmup_steps, c.train.max_steps) == (6e-4, 6e-5, 715, 19_073)
     assert c.optim.betas == [0.9, 0.96] and (c.optim.weight_decay, c.optim.eps, c.optim.grad_clip) == (0.1, 1e-8, 1.0)
     assert (c.eval.hellaswag_every, c.eval.sample_every, c.eval.num_samples, c.eval.top_k) == (200, 50, 4, 50)
     assert c.eval.sample_prompt == "Hello this is AI model,"
-    assert grad_accum_steps(c.train.total_batch_tokens, c.train.micro_batch, c.train.seq_len, world_size=8) == 15
+    # the seed's micro-batch 4 at 8 GPUs: 15 micro-steps (auto may pick a larger one, same batch)
+    assert grad_accum_steps(c.train.total_batch_tokens, 4, c.train.seq_len, world_size=8) == 15
 
 
 def test_demo_config_is_offline_and_explicit():
@@ -137,3 +138,25 @@ def test_every_storage_option_but_the_known_public_ones_is_redacted_and_url_pass
     for secret in ("S1", "A1", "P1", "C1", "C2", "T1", "P2"):
         assert secret not in text, secret
     assert "http://u:***@127.0.0.1:8333" in text and "region_name: eu" in text and "region_name: us" in text
+
+
+@pytest.mark.parametrize("world_sizes,cap,expected", [
+    ([8, 16], 64, [30, 15, 10, 6, 5, 3, 2, 1]),  # the elastic 8-16 GPU job: 60 and 30 rows per rank
+    ([8], 64, [60, 30, 20, 15, 12, 10, 6, 5, 4, 3, 2, 1]),
+    ([16], 16, [15, 10, 6, 5, 3, 2, 1]),
+    ([1], 64, [60, 48, 40, 32, 30, 24, 20, 16, 15, 12, 10, 8, 6, 5, 4, 3, 2, 1]),
+    ([7], 64, []),  # 480 rows cannot split over 7 ranks
+    ([1, 2, 3, 4, 5, 6], 64, [8, 4, 2, 1]),  # gcd of 480, 240, 160, 120, 96, 80 rows is 8
+])
+def test_exact_micro_batches_for_the_124m_batch(world_sizes, cap, expected):
+    got = exact_micro_batches(491_520, 1024, world_sizes, cap)
+    assert got == expected
+    for mb in got:  # each keeps the global batch exact at every world size
+        for w in world_sizes:
+            assert grad_accum_steps(491_520, mb, 1024, w) * mb * 1024 * w == 491_520
+
+
+def test_micro_batch_is_a_number_or_auto():
+    with pytest.raises(ConfigError, match="train.micro_batch must be a positive number or auto"):
+        load_config("configs/demo.yaml", ["train.micro_batch=big"])
+    assert load_config("configs/demo.yaml", ["train.micro_batch=auto"]).train.micro_batch == "auto"

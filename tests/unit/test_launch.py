@@ -107,3 +107,18 @@ def test_k8s_render_into_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("")
     with pytest.raises(LaunchError, match="is a file"):
         k8s_manifests.write(k8s_manifests.render(k8s_manifests.Options()), tmp_path / "out")
+
+
+def test_launchers_leave_auto_to_the_trainer_and_fit_a_fixed_micro_batch_with_the_same_function():
+    from gpt2.config import load_config
+    from gpt2.launch.common import fit_micro_batch
+
+    auto = load_config("configs/gpt2-124m.yaml")
+    assert fit_micro_batch(auto, [], [8, 16]) == ([], None)
+    with pytest.raises(LaunchError, match="world size 7 cannot keep the global batch"):
+        fit_micro_batch(auto, [], [7])
+    fixed = load_config("configs/gpt2-124m.yaml", ["train.micro_batch=4"])
+    overrides, note = fit_micro_batch(fixed, [], [8, 16])  # 4 does not divide 30 rows a rank at 16 GPUs
+    assert overrides == ["train.micro_batch=3"] and "keeps train.total_batch_tokens=491520 exact" in note
+    with pytest.raises(LaunchError, match="cannot keep the global batch"):
+        fit_micro_batch(fixed, ["train.micro_batch=4"], [8, 16])  # given on the command line: checked as given
