@@ -147,3 +147,22 @@ def test_a_diverging_run_stops_with_its_own_exit_code_and_saves_no_nan(tmp_path)
     for ckpt in (tmp_path / "ckpt").glob("step-*"):
         state = load_state(str(ckpt))
         assert all(torch.isfinite(t).all() for t in state["model"].values()), ckpt
+
+
+def test_plot_draws_a_demo_run(tmp_path):
+    hs = shared_file("hellaswag_val.jsonl")
+    r = train(tmp_path, extra={"eval.hellaswag_every": 4, "eval.hellaswag_path": str(hs), "eval.hellaswag_limit": 8})
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "plots" / "run.png"
+    p = run_cli(["-m", "gpt2.plot", str(tmp_path), "--out", str(out)])
+    assert p.returncode == 0 and f"wrote {out} (step 7" in p.stdout, p.stdout + p.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    from gpt2.plot import LEVELS, find_log_dir, read_run
+
+    run = read_run(find_log_dir(tmp_path))
+    assert [s for s, _ in run["train"]] == list(range(8)) and [s for s, _ in run["val"]] == [0, 4, 8]
+    assert [s for s, _ in run["hellaswag"]] == [0, 4, 8] and run["size"] is None  # the demo is no GPT-2 size
+    assert LEVELS["gpt2"] == (3.2924, 0.294463, 0.337)
+    missing = run_cli(["-m", "gpt2.plot", str(tmp_path / "nothing")])
+    assert missing.returncode == 2 and "no steps.jsonl" in missing.stderr

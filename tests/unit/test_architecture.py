@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"data", "checkpoint", "prepare"},
     {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate", "checkpoint.__main__"},
-    {"bench", "launch", "launch.common", "launch.k8s_manifests", "launch.k8s", "launch.slurm"},
+    {"bench", "plot", "launch", "launch.common", "launch.k8s_manifests", "launch.k8s", "launch.slurm"},
 ]
 LAUNCHER_ONLY = {"submitit": "launch.slurm", "kubernetes": "launch.k8s"}
 
