@@ -62,6 +62,9 @@ class StepRecord:
     mfu: float | None
     batch_hash: int
     world_size: int
+    data_share: float = 0.0  # share of the step spent reading and copying batches on the host
+    peak_memory_gib: float | None = None  # device memory, CUDA only
+    warmup: bool = False  # the first steps after a (re)start: compilation and caches, not throughput
 
 
 class MetricsLogger:
@@ -98,12 +101,29 @@ class MetricsLogger:
             f.write(json.dumps(r.__dict__) + "\n")
         self.scalars(r.step, {
             "train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
-            "perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu, "perf/step_time_ms": r.step_time_ms,
+            "perf/step_time_ms": r.step_time_ms, "perf/data_share": r.data_share,
+            "perf/peak_memory_gib": r.peak_memory_gib,
         })
+        if not r.warmup:  # throughput without the compile/warm-up steps, which would dwarf the curve
+            self.scalars(r.step, {"perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu})
         if r.step % self.log_every == 0 or r.step == self.max_steps - 1:
             util = f"MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "MFU n/a"
             self.info(f"step {r.step:6d}/{self.max_steps} | loss {r.loss:.6f} | lr {r.lr:.3e} | "
-                      f"norm {r.grad_norm:.4f} | {r.step_time_ms:.1f} ms | {r.tokens_per_sec:,.0f} tok/s | {util}")
+                      f"norm {r.grad_norm:.4f} | {r.step_time_ms:.1f} ms | {r.tokens_per_sec:,.0f} tok/s | {util}"
+                      + (" (warm-up)" if r.warmup else ""))
+
+    def start(self, step: int, hparams: dict[str, float | int | str], micro_batch: int, accum: int) -> None:
+        """What a run is, once per (re)start: the hparams plugin's row (its metrics are the final val loss
+        and HellaSwag), a chart with train and val loss together, and the batch layout in use."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        metrics = {"val/loss": float("nan"), "eval/hellaswag_acc_norm": float("nan")}  # values: the scalars
+        for summary in hparams_summary(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_custom_scalars({"loss": {"train and val loss": ["Multiline", ["train/loss", "val/loss"]]}})
+        self.scalars(step, {"train/micro_batch": micro_batch, "train/grad_accum": accum})
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:

@@ -45,6 +45,9 @@ from gpt2.storage import StorageError
 from gpt2.tokenizer import TokenizerError, tokenizer_class
 from gpt2.watchdog import Watchdog
 
+# Steps after each (re)start whose throughput is not plotted: compilation and caches warm up.
+WARMUP = 2
+
 USAGE = """usage: python -m gpt2.train CONFIG [key=value ...]
        torchrun --nproc-per-node N -m gpt2.train CONFIG [key=value ...]
 
@@ -119,6 +122,12 @@ class Trainer:
                           else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
         if micro_batch_note:
             self.metrics.info(micro_batch_note)
+        m, o, t = cfg.model, cfg.optim, cfg.train
+        self.metrics.start(self.progress.step, {
+            "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
+            "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,
+            "total_batch_tokens": t.total_batch_tokens, "seq_len": t.seq_len, "micro_batch": t.micro_batch,
+            "world_size": dist.world_size, "compile": t.compile}, t.micro_batch, self.accum)
         self.metrics.text("config", "```\n" + to_yaml(cfg, redact=True) + "\n```"
                           + (f"\n\n{micro_batch_note}" if micro_batch_note else ""), self.progress.step)
 
@@ -139,6 +148,7 @@ class Trainer:
         if self.progress.step >= max_steps:
             self.metrics.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
             return EXIT_OK
+        first = self.progress.step
         watchdog = Watchdog(cfg.train.hang_timeout_s,
                             where=lambda: f"rank {self.dist.rank}, step {self.progress.step}")
         with self.preemption, watchdog:
@@ -151,11 +161,7 @@ class Trainer:
                 dt = time.time() - t0
                 self.progress.step = done = step + 1
                 watchdog.beat()
-                tokens_per_sec = cfg.train.total_batch_tokens / dt
-                self.metrics.step(StepRecord(
-                    step, loss, lr_at(step, cfg.optim, max_steps), float(norm), dt * 1000, tokens_per_sec,
-                    mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.dist.world_size), batch_hash,
-                    self.dist.world_size))
+                self.metrics.step(self.record(step, loss, float(norm), batch_hash, dt, warmup=step - first < WARMUP))
                 if done == max_steps:
                     self.evaluator.run_due(done, last=True)
                     self.checkpointer.save_final(done, "final")
@@ -172,6 +178,14 @@ class Trainer:
         self.metrics.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
                           f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
         return EXIT_OK
+
+    def record(self, step: int, loss: float, norm: float, batch_hash: int, dt: float, warmup: bool) -> StepRecord:
+        tokens_per_sec = self.cfg.train.total_batch_tokens / dt
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+        return StepRecord(step, loss, lr_at(step, self.cfg.optim, self.cfg.train.max_steps), norm, dt * 1000,
+                          tokens_per_sec, mfu(tokens_per_sec, self.flops_per_token, self.peak_flops,
+                                              self.dist.world_size),
+                          batch_hash, self.dist.world_size, self.data_seconds / dt, peak, warmup)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step; returns (loss summed over micro-steps on this rank, grad norm, batch hash)."""

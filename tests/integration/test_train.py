@@ -63,8 +63,15 @@ def test_tensorboard_has_every_tag_and_a_restart_does_not_duplicate_steps(tmp_pa
     acc.Reload()
     scalar_tags = set(acc.Tags()["scalars"])
     for tag in ["train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/step_time_ms",
-                "val/loss", "eval/hellaswag_acc_norm"]:
+                "val/loss", "eval/hellaswag_acc_norm", "perf/data_share", "train/micro_batch", "train/grad_accum"]:
         assert tag in scalar_tags, tag
+    assert "perf/peak_memory_gib" not in scalar_tags  # CUDA only
+    # throughput leaves out the two warm-up steps after each start (0-1, and 4-5 after the restart)
+    assert [e.step for e in acc.Scalars("perf/tokens_per_sec")] == [2, 3, 6, 7]
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("perf/data_share"))
+    assert [e.value for e in acc.Scalars("train/micro_batch")][-1] == 4
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")  # the hparams plugin's row
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # train and val loss on one chart
     assert "perf/mfu" not in scalar_tags  # CPU: MFU unknown, never a made-up peak
     text_tags = set(acc.Tags()["tensors"])
     assert {"samples/text_summary", "config/text_summary"} <= text_tags
