@@ -149,6 +149,8 @@ class Trainer:
             self.metrics.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
             return EXIT_OK
         first = self.progress.step
+        if cfg.train.compile:
+            self.warm_up()
         watchdog = Watchdog(cfg.train.hang_timeout_s,
                             where=lambda: f"rank {self.dist.rank}, step {self.progress.step}")
         with self.preemption, watchdog:
@@ -178,6 +180,21 @@ class Trainer:
         self.metrics.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
                           f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
         return EXIT_OK
+
+    def warm_up(self) -> None:
+        """Compile the training step before the first collective: a forward and backward of a batch of
+        zeros without gradient sync, then a barrier (within the process-group timeout). Ranks whose
+        compilation is slow (another node, a cold cache) then no longer stall their peers' all-reduce."""
+        t0 = time.time()
+        x = torch.zeros((self.cfg.train.micro_batch, self.cfg.train.seq_len), dtype=torch.long, device=self.device)
+        sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
+        with sync:
+            with self.autocast:
+                _, loss = self.model(x, x)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        distributed.barrier()
+        self.metrics.info(f"compiled the training step in {time.time() - t0:.1f} s (every rank ready)")
 
     def record(self, step: int, loss: float, norm: float, batch_hash: int, dt: float, warmup: bool) -> StepRecord:
         tokens_per_sec = self.cfg.train.total_batch_tokens / dt
