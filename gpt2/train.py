@@ -275,15 +275,9 @@ def run(cfg: Config) -> int:
         distributed.barrier()
         trainer = Trainer(cfg, dist, micro_batch_note)
         code = trainer.fit()
-    except ConfigError as err:
+    except (ConfigError, TrainingDiverged, DataError, TokenizerError, CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_CONFIG
-    except (DataError, TokenizerError, CheckpointError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_ERROR
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = EXIT_DIVERGED
+        code = {ConfigError: EXIT_CONFIG, TrainingDiverged: EXIT_DIVERGED}.get(type(err), EXIT_ERROR)
     except Exception:
         if dist.world_size > 1:
             # A peer may have died (torchrun then restarts the whole group from the last checkpoint):

@@ -121,16 +121,14 @@ class CheckpointStore:
         """Committed checkpoints, oldest first."""
         out = []
         for step, path in self._step_dirs():
-            marker = join(path, MARKER)
-            if self.fs.exists(marker):
-                try:
-                    meta = json.loads(self.fs.cat_file(marker))
-                    if not isinstance(meta, dict):
-                        raise ValueError("not a JSON object")
-                except (ValueError, OSError) as err:
-                    log.warning("ignoring %s: unreadable commit marker (%s)", marker, err)
-                    continue
-                out.append(CheckpointInfo(step, self._url_of(path), meta))
+            url = self._url_of(path)
+            try:
+                meta = read_meta(url, self.storage_options, self.retries)
+            except CheckpointError as err:
+                if self.fs.exists(join(path, MARKER)):  # no marker: a save that did not finish, not worth a word
+                    log.warning("ignoring %s: %s", url, err)
+                continue
+            out.append(CheckpointInfo(step, url, meta))
         return out
 
     def write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:

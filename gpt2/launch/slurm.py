@@ -250,7 +250,9 @@ def check_data(p: Plan, opts: Options) -> None:
         return  # the trainer prepares it, or waits for it
     try:
         manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
-    except (DataError, StorageError, OSError) as err:
+    except DataError as err:  # there, but broken: the job would fail on it
+        raise LaunchError(f"{err}; the job would wait for GPUs, then fail") from None
+    except (StorageError, OSError) as err:
         print(f"note: could not check {cfg.data.dir} from here ({err}); submitting anyway", file=sys.stderr)
         return
     if manifest is None or not manifest.complete:

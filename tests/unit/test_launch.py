@@ -122,3 +122,14 @@ def test_launchers_leave_auto_to_the_trainer_and_fit_a_fixed_micro_batch_with_th
     assert overrides == ["train.micro_batch=3"] and "keeps train.total_batch_tokens=491520 exact" in note
     with pytest.raises(LaunchError, match="cannot keep the global batch"):
         fit_micro_batch(fixed, ["train.micro_batch=4"], [8, 16])  # given on the command line: checked as given
+
+
+def test_a_training_job_on_broken_data_is_refused(tmp_path):
+    from gpt2.launch import slurm
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("[1, 2]")
+    opts = slurm.Options(nodes=1, gpus=0, config="configs/demo.yaml", run_dir=str(tmp_path),
+                         overrides=[f"data.dir={tmp_path / 'data'}", "data.auto_prepare=false"])
+    with pytest.raises(LaunchError, match="not a valid shard manifest.*would wait for GPUs, then fail"):
+        slurm.check_data(slurm.plan(opts), opts)
