@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -16,8 +15,6 @@ from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT
 from gpt2.sample import sample_texts
 from gpt2.tokenizer import Tokenizer, get_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()

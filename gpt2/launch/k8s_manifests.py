@@ -35,8 +35,6 @@ JOB_LABEL = "training.kubeflow.org/job-name"
 GRACE_SECONDS = 120
 # The trainers wait this long for the preparation Job's manifest (`kubectl apply -k` starts both).
 WAIT_FOR_DATA_S = 24 * 3600
-
-
 # RFC 1123 labels; a job name is shorter so that the operator's pod names (NAME-worker-N) fit in 63
 _DNS_LABEL = {"--name": 50, "--namespace": 63}
 
