@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -19,14 +20,15 @@ import time
 import numpy as np
 import torch
 
-from gpt2 import distributed
-from gpt2.config import ConfigError, load_config
+from gpt2 import distributed, logs
+from gpt2.config import load_config
+from gpt2.errors import Gpt2Error, exit_code
 from gpt2.metrics import mfu
-from gpt2.microbatch import choose_micro_batch
-from gpt2.prepare import ensure_data
 from gpt2.shards import Manifest, npy_bytes, shard_name, write_manifest
 from gpt2.tokenizer import tokenizer_class
 from gpt2.train import Trainer
+
+log = logging.getLogger("gpt2.bench")
 
 
 def synthetic_shards(directory: str, tokenizer_name: str, n_tokens: int, vocab: int) -> None:
@@ -62,32 +64,30 @@ def main(argv: list[str] | None = None) -> int:
                                         f"logging.dir={tmp.name}/tensorboard"]
     if args.synthetic_data:
         overrides += [f"data.dir={tmp.name}/data", "data.auto_prepare=false"]
+    logs.setup()
     try:
         cfg = load_config(args.config, overrides)
         cfg.train.max_steps = max(cfg.train.max_steps, args.warmup + args.steps)
         dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.synthetic_data and dist.is_main:
-        need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
-        synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
-    if cfg.train.micro_batch == "auto":
-        cfg.train.micro_batch, _ = choose_micro_batch(cfg, dist)
-    ensure_data(cfg, dist.is_main)
-    distributed.barrier()
-    trainer = Trainer(cfg, dist)
+        logs.setup(dist.rank)
+        if args.synthetic_data and dist.is_main:
+            need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
+            synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
+        trainer = Trainer.build(cfg, dist)
+    except Gpt2Error as err:
+        log.error("%s", err)
+        return exit_code(err)
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
     times, data_times = [], []
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        loss, _, _ = trainer.train_step(step)
-        float(loss)  # the step is done when its loss is on the host
+        out = trainer.train_step(step)
+        float(out.loss_sum)  # the step is done when its loss is on the host
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-            data_times.append(trainer.data_seconds)
+            data_times.append(out.data_seconds)
     tokens_per_sec = cfg.train.total_batch_tokens / statistics.median(times)
     util = mfu(tokens_per_sec, trainer.flops_per_token, trainer.peak_flops, dist.world_size)
     if trainer.device.type == "cuda":
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         mem_what = "host max RSS"
     result = {
         "config": args.config, "overrides": args.overrides, "device": trainer.device_name, "dtype": str(trainer.dtype),
-        "world_size": dist.world_size, "compile": cfg.train.compile, "micro_batch": cfg.train.micro_batch,
+        "world_size": dist.world_size, "compile": cfg.train.compile, "micro_batch": trainer.micro_batch,
         "grad_accum": trainer.accum, "tokens_per_step": cfg.train.total_batch_tokens, "steps": args.steps,
         "tokens_per_sec": tokens_per_sec, "mfu": util, "peak_flops": trainer.peak_flops,
         "flops_per_token": trainer.flops_per_token, "step_ms_median": 1000 * statistics.median(times),
@@ -127,8 +127,7 @@ def profile_step(trainer, step: int, out_dir: str) -> str:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
-        loss, _, _ = trainer.train_step(step)
-        float(loss)
+        float(trainer.train_step(step).loss_sum)
     os.makedirs(out_dir, exist_ok=True)
     prof.export_chrome_trace(os.path.join(out_dir, "train_step_trace.json"))
     key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"

@@ -17,11 +17,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from gpt2.errors import ConfigError, exit_code
+
 log = logging.getLogger(__name__)
 
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration; the message says what to change."""
 
 
 # The four OpenAI sizes (block_size 1024, vocab 50257 for all of them).
@@ -54,12 +53,6 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_to
         return (self.vocab_size + m - 1) // m * m
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: int) -> ModelConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"unknown GPT-2 size '{name}'; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -479,5 +472,5 @@ def cli_config(argv: list[str], usage: str) -> Config:
     try:
         return load_config(path, overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        log.error("%s", err)
+        sys.exit(exit_code(err))

@@ -150,10 +150,10 @@ def to_device(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tenso
     return x.contiguous(), y.contiguous()
 
 
-def build_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader | None]:
+def build_loaders(cfg: Config, micro_batch: int, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader | None]:
     """Open and check the data for `cfg` (every problem a DataError before training starts)."""
     t = cfg.train
-    layout = Layout(t.micro_batch, t.seq_len, t.total_batch_tokens, world_size)
+    layout = Layout(micro_batch, t.seq_len, t.total_batch_tokens, world_size)
     common = dict(tokenizer_fingerprint=tokenizer_class(cfg.tokenizer.name).fingerprint,
                   storage_options=cfg.data.storage_options, cache_dir=cfg.data.cache_dir, min_tokens=t.seq_len + 1)
     train = open_split(cfg.data.dir, "train", **common)  # type: ignore[arg-type]
@@ -161,5 +161,5 @@ def build_loaders(cfg: Config, rank: int, world_size: int) -> tuple[TrainLoader,
     val = None
     if cfg.eval.val_batches > 0:
         val_shards = open_split(cfg.data.dir, "val", **common)  # type: ignore[arg-type]
-        val = ValLoader(val_shards, t.micro_batch, t.seq_len, cfg.eval.val_batches)
+        val = ValLoader(val_shards, micro_batch, t.seq_len, cfg.eval.val_batches)
     return loader, val

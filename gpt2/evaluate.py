@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 import torch
 
-from gpt2 import hellaswag
+from gpt2 import hellaswag, logs
+from gpt2.errors import Gpt2Error, exit_code
 from gpt2.loading import load_model
 from gpt2.runtime import autocast_for
+
+log = logging.getLogger("gpt2.evaluate")  # also when run as __main__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,11 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer-dir", default=None, help="encoder.json + vocab.bpe for offline use")
     args = p.parse_args(argv)
+    logs.setup()
     try:
         model, tokenizer = load_model(args.source, tokenizer_dir=args.tokenizer_dir)
         path = hellaswag.data_path(args.hellaswag)
-    except Exception as err:
-        raise SystemExit(f"error: {err}") from None
+    except Gpt2Error as err:
+        log.error("cannot evaluate %s: %s", args.source, err)
+        sys.exit(exit_code(err))
     device = torch.device(args.device)
     model.to(device).eval()
     autocast = autocast_for(device, torch.bfloat16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from gpt2.model import GPT
 from gpt2.sample import sample_texts
 from gpt2.tokenizer import Tokenizer, get_tokenizer
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
-def val_loss(model: torch.nn.Module, loader: ValLoader, device: torch.device, rank: int, world_size: int,
+def mean_val_loss(model: torch.nn.Module, loader: ValLoader, device: torch.device, rank: int, world_size: int,
              autocast: AbstractContextManager | None = None) -> float:
     """Mean loss over the fixed validation batches, split across ranks and all-reduced."""
     model.eval()
@@ -67,16 +70,16 @@ class Evaluator:
             self.samples(step)
 
     def val_loss(self, step: int) -> None:
-        loss = val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]
+        loss = mean_val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]
                         self.dist.world_size, self.autocast)
-        self.metrics.info(f"step {step}: val loss {loss:.4f}")
+        log.info(f"step {step}: val loss {loss:.4f}")
         self.metrics.scalars(step, {"val/loss": loss})
 
     def hellaswag(self, step: int) -> None:
         r = hellaswag.score(self.raw_model, self.tokenizer, self.hellaswag_path(),  # type: ignore[arg-type]
                             self.dist.device, self.dist.rank, self.dist.world_size, self.e.hellaswag_limit,
                             self.cfg.model.block_size, self.autocast)
-        self.metrics.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f}")
+        log.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f}")
         self.metrics.scalars(step, {"eval/hellaswag_acc_norm": r.acc_norm, "eval/hellaswag_acc": r.acc})
 
     def samples(self, step: int) -> None:
@@ -86,7 +89,7 @@ class Evaluator:
         texts = sample_texts(self.raw_model, self.tokenizer, e.sample_prompt, e.num_samples,  # type: ignore[arg-type]
                              e.sample_tokens, e.top_k, seed=self.cfg.train.seed + step, device=self.dist.device)
         for i, t in enumerate(texts):
-            self.metrics.info(f"step {step} sample {i}: {t!r}")
+            log.info(f"step {step} sample {i}: {t!r}")
         self.metrics.text("samples", "\n\n".join(f"{i}: {t}" for i, t in enumerate(texts)), step)
 
     def hellaswag_path(self) -> Path | None:
@@ -95,6 +98,6 @@ class Evaluator:
             try:
                 self._hellaswag_path = hellaswag.data_path(self.e.hellaswag_path)
             except hellaswag.HellaSwagUnavailable as err:
-                self.metrics.info(f"WARNING: HellaSwag disabled for this run: {err}")
+                log.warning(f"HellaSwag disabled for this run: {err}")
                 self._hellaswag_unavailable = True
         return self._hellaswag_path

@@ -19,15 +19,13 @@ import torch
 from torch.nn import functional as F
 
 from gpt2.distributed import all_reduce_sum
+from gpt2.errors import HellaSwagUnavailable
 from gpt2.shards import default_cache_dir
 from gpt2.tokenizer import Tokenizer
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_VAL_EXAMPLES = 10_042
 
-
-class HellaSwagUnavailable(RuntimeError):
-    """The data file is neither at the configured path nor downloadable."""
 
 
 def data_path(configured: str | None) -> Path:

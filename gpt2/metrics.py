@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gpt2.storage import ensure_directory
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets (no sparsity).
 # Matched against torch.cuda.get_device_name() in order; the first match wins.
@@ -51,7 +54,7 @@ def mfu(tokens_per_sec: float, flops_per_tok: int, peak_flops: float | None, wor
     return tokens_per_sec * flops_per_tok / (peak_flops * world_size)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepRecord:
     step: int
     loss: float
@@ -68,7 +71,8 @@ class StepRecord:
 
 
 class MetricsLogger:
-    """Every output channel of a run: the console line, `steps.jsonl` and TensorBoard.
+    """Every output channel of a run's measurements: the console step line (through the `gpt2`
+    logger, gpt2.logs), `steps.jsonl` and TensorBoard.
 
     A no-op off rank 0 (`enabled=False`). `steps.jsonl` holds one JSON line per step at full
     float precision; after a restart a step may appear twice and the last line counts.
@@ -88,11 +92,6 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
             self.steps_path = Path(log_dir) / "steps.jsonl"
 
-    def info(self, message: str) -> None:
-        """A line on the console (rank 0)."""
-        if self.enabled:
-            print(message, flush=True)
-
     def step(self, r: StepRecord) -> None:
         """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""
         if not self.enabled:
@@ -108,7 +107,7 @@ class MetricsLogger:
             self.scalars(r.step, {"perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu})
         if r.step % self.log_every == 0 or r.step == self.max_steps - 1:
             util = f"MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "MFU n/a"
-            self.info(f"step {r.step:6d}/{self.max_steps} | loss {r.loss:.6f} | lr {r.lr:.3e} | "
+            log.info(f"step {r.step:6d}/{self.max_steps} | loss {r.loss:.6f} | lr {r.lr:.3e} | "
                       f"norm {r.grad_norm:.4f} | {r.step_time_ms:.1f} ms | {r.tokens_per_sec:,.0f} tok/s | {util}"
                       + (" (warm-up)" if r.warmup else ""))
 

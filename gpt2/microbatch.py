@@ -18,24 +18,24 @@ from collections.abc import Callable
 import torch
 
 from gpt2 import distributed
-from gpt2.checkpoint import CheckpointError, CheckpointStore, read_meta
-from gpt2.config import CheckpointConfig, Config, ConfigError, exact_micro_batches
+from gpt2.checkpoint import ResumePoint
+from gpt2.config import Config, ConfigError, exact_micro_batches
 from gpt2.model import build_model
 from gpt2.runtime import autocast_for, resolve_dtype
 
 MEMORY_MARGIN = 0.10  # of the device's memory, left free for the allocator's fragmentation and NCCL
 
 
-def choose_micro_batch(cfg: Config, dist: distributed.Dist) -> tuple[int, str]:
-    """(micro-batch, why) for `train.micro_batch: auto`; the same on every rank."""
+def choose_micro_batch(cfg: Config, dist: distributed.Dist, resume: ResumePoint | None) -> tuple[int, str]:
+    """(micro-batch, why) for `train.micro_batch: auto`, given the checkpoint this start resumes
+    from (`find_resume_point`); the same on every rank."""
     t = cfg.train
     candidates = exact_micro_batches(t.total_batch_tokens, t.seq_len, [dist.world_size], t.max_micro_batch)
     if not candidates:
         raise ConfigError(f"no micro-batch up to train.max_micro_batch={t.max_micro_batch} keeps "
                           f"train.total_batch_tokens={t.total_batch_tokens} exact at world size {dist.world_size}")
     rows = t.total_batch_tokens // t.seq_len // dist.world_size
-    stored = stored_choice(cfg.checkpoint) if dist.is_main else None
-    stored = distributed.broadcast_object(stored)  # type: ignore[assignment]
+    stored = stored_choice(resume) if resume is not None else None
     if stored is not None and stored[1] == dist.world_size and stored[0] in candidates:
         return stored[0], f"the checkpoint's, written at the same world size ({dist.world_size})"
     why = (f"the largest of {candidates} that divides the {rows} rows each rank reads per step "
@@ -48,21 +48,11 @@ def choose_micro_batch(cfg: Config, dist: distributed.Dist) -> tuple[int, str]:
     return choice  # type: ignore[return-value]
 
 
-def stored_choice(cfg: CheckpointConfig) -> tuple[int, int] | None:
-    """(micro-batch, world size) of the checkpoint a resume would start from, if any."""
-    if cfg.resume == "never":
-        return None
-    try:
-        if cfg.resume != "auto":
-            meta = read_meta(cfg.resume, cfg.storage_options)
-        else:
-            found = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries).complete()
-            if not found:
-                return None
-            meta = found[-1].meta
-    except CheckpointError:
-        return None
-    mb, world = meta.get("config", {}).get("train", {}).get("micro_batch"), meta.get("world_size")
+def stored_choice(resume: ResumePoint) -> tuple[int, int] | None:
+    """(micro-batch, world size) that the checkpoint `resume` was written with, if it says."""
+    meta = resume.meta
+    mb = meta.get("micro_batch", meta.get("config", {}).get("train", {}).get("micro_batch"))
+    world = meta.get("world_size")
     return (mb, world) if isinstance(mb, int) and isinstance(world, int) else None
 
 

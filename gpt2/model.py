@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from gpt2.config import PRESETS, ModelConfig
+from gpt2.errors import ModelError
 
 # Hugging Face Conv1D stores weights as (in, out); our nn.Linear wants (out, in).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -124,12 +125,12 @@ class GPT(nn.Module):
         path = Path(name_or_path)
         if not (path / "config.json").is_file():
             if path.is_dir() and name_or_path not in PRESETS:
-                raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+                raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
             path = _download_from_hub(name_or_path)
         hf = json.loads((path / "config.json").read_text())
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path}: activation_function '{act}' is not GPT-2's tanh GELU")
+            raise ModelError(f"{path}: activation_function '{act}' is not GPT-2's tanh GELU")
         config = ModelConfig(
             block_size=hf["n_positions"],
             vocab_size=hf["vocab_size"],
@@ -151,7 +152,7 @@ class GPT(nn.Module):
                  for k, v in hf_sd.items()}
         missing = [k for k in wanted if k not in hf_sd]
         if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} GPT-2 weights, e.g. {missing[:3]}")
+            raise ModelError(f"checkpoint lacks {len(missing)} GPT-2 weights, e.g. {missing[:3]}")
         with torch.no_grad():
             for k in wanted:
                 src = hf_sd[k]
@@ -162,7 +163,7 @@ class GPT(nn.Module):
                     dst[src.shape[0]:].zero_()  # padded rows: never used, zero for clarity
                     dst = dst[: src.shape[0]]
                 if src.shape != dst.shape:
-                    raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
+                    raise ModelError(f"shape mismatch for {k}: checkpoint {tuple(src.shape)}, model {tuple(dst.shape)}")
                 dst.copy_(src)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -188,17 +189,17 @@ def build_model(cfg: ModelConfig) -> GPT:
 
 def _download_from_hub(name: str) -> Path:
     if name not in PRESETS:
-        raise ValueError(
+        raise ModelError(
             f"'{name}' is neither a local directory nor a GPT-2 hub name ({', '.join(PRESETS)})"
         )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise RuntimeError("loading from the hub needs huggingface_hub: pip install 'gpt2[hub]'") from None
+        raise ModelError("loading from the hub needs huggingface_hub: pip install 'gpt2[hub]'") from None
     try:
         return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
     except Exception as err:
-        raise RuntimeError(
+        raise ModelError(
             f"could not download '{name}' from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Without network, download it elsewhere (e.g. `huggingface-cli download gpt2`) and pass the "
             "local directory instead."
@@ -212,7 +213,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path / "model.safetensors"))
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    raise ModelError(f"{path} has neither model.safetensors nor pytorch_model.bin")
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, tokenizer_dir: str | None = None) -> Path:

@@ -10,12 +10,10 @@ import math
 import torch
 
 from gpt2.config import OptimConfig
+from gpt2.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
-
-class TrainingDiverged(RuntimeError):
-    """The gradient norm stayed NaN or infinite: training cannot go on from here."""
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:

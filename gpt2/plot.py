@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 import yaml
 
+from gpt2 import logs
 from gpt2.config import PRESETS
+from gpt2.errors import PlotError, exit_code
+
+log = logging.getLogger("gpt2.plot")  # also when run as __main__
 
 # (GPT-2 val loss on the FineWeb-Edu val shard, GPT-2 HellaSwag acc_norm, GPT-3 HellaSwag acc_norm),
 # as build-nanogpt's notebook draws them; None where no level is known.
@@ -26,9 +31,6 @@ LEVELS: dict[str, tuple[float | None, float, float]] = {
     "gpt2-xl": (None, 0.488946, 0.547),
 }
 
-
-class PlotError(RuntimeError):
-    """Nothing to plot, or matplotlib is missing."""
 
 
 def find_log_dir(path: Path) -> Path:
@@ -111,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="a run's TensorBoard directory (logging.dir), or a run directory above it")
     p.add_argument("--out", default="run.png", help="where to write the PNG (default run.png)")
     args = p.parse_args(argv)
+    logs.setup()
     try:
         log_dir = find_log_dir(Path(args.path))
         run = read_run(log_dir)
         out = plot(run, Path(args.out), str(log_dir))
     except PlotError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        log.error("%s", err)
+        return exit_code(err)
     last = run["train"][-1] if run["train"] else None
     print(f"wrote {out}" + (f" (step {last[0]}, train loss {last[1]:.4f})" if last else ""))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -25,7 +26,9 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from gpt2 import logs
 from gpt2.config import Config, cli_config
+from gpt2.errors import EXIT_ERROR, Gpt2Error, exit_code
 from gpt2.shards import (
     DTYPE,
     DataError,
@@ -36,8 +39,10 @@ from gpt2.shards import (
     wait_for_manifest,
     write_manifest,
 )
-from gpt2.storage import StorageError, ensure_directory, filesystem, is_local, join, with_retries, write_bytes
-from gpt2.tokenizer import Tokenizer, TokenizerError, get_tokenizer
+from gpt2.storage import ensure_directory, filesystem, is_local, join, with_retries, write_bytes
+from gpt2.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger("gpt2.prepare")  # also when run as __main__
 
 USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
 
@@ -234,7 +239,10 @@ class Summary:
 
 
 class Progress:
-    """A one-line progress report with tokens/s and an ETA when the total is known."""
+    """A progress line every REPORT_EVERY_S seconds with tokens/s and an ETA when the total is known
+    (lines, not a redrawn one: cluster logs are files)."""
+
+    REPORT_EVERY_S = 10.0
 
     def __init__(self, total_tokens: int | None, enabled: bool):
         self.total, self.enabled = total_tokens, enabled
@@ -242,15 +250,14 @@ class Progress:
 
     def update(self, tokens: int, shards: int, force: bool = False) -> None:
         now = time.time()
-        if not self.enabled or (now - self.last < 1.0 and not force):
+        if not self.enabled or (now - self.last < self.REPORT_EVERY_S and not force):
             return
         self.last = now
         rate = tokens / max(now - self.start, 1e-9)
         eta = ""
         if self.total:
             eta = f", ETA {max(self.total - tokens, 0) / max(rate, 1):.0f}s"
-        line = f"\r{tokens:,} tokens, {shards} shards, {rate:,.0f} tokens/s{eta}   "
-        print(line, end="", file=sys.stderr, flush=True)
+        log.info(f"{tokens:,} tokens, {shards} shards, {rate:,.0f} tokens/s{eta}")
 
 
 def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None = None,
@@ -276,7 +283,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
                 f"val_tokens = {theirs}, now {mine}); use another data.dir or delete that one"
             )
         if manifest.complete:
-            print(f"{d.dir} is already fully prepared ({len(manifest.shards)} shards); nothing to do")
+            log.info(f"{d.dir} is already fully prepared ({len(manifest.shards)} shards); nothing to do")
             return Summary(skipped_shards=len(manifest.shards))
 
     summary = Summary(skipped_shards=len(manifest.shards))
@@ -284,7 +291,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     next_doc, next_offset = 0, 0
     if manifest.shards:
         next_doc, next_offset = manifest.shards[-1]["next_doc"], manifest.shards[-1]["next_offset"]
-        print(f"resuming: {len(manifest.shards)} shards already written, continuing at document {next_doc:,}")
+        log.info(f"resuming: {len(manifest.shards)} shards already written, continuing at document {next_doc:,}")
 
     def plan(index: int) -> tuple[str, int]:
         """Split and size of shard number `index` of the whole sequence."""
@@ -355,8 +362,6 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     manifest.documents = doc_index
     write_manifest(d.dir, manifest, d.storage_options)
     meter.update(summary.tokens, len(manifest.shards), force=True)
-    if progress:
-        print(file=sys.stderr)
     summary.seconds = time.time() - start
     return summary
 
@@ -365,15 +370,14 @@ def ensure_data(cfg: Config, is_main: bool) -> None:
     """With data.auto_prepare, rank 0 prepares missing shards (the caller then waits at a barrier);
     with data.wait_for_data_s, every rank waits for another job to prepare them."""
     if cfg.data.wait_for_data_s and not cfg.data.auto_prepare:
-        say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
-        wait_for_manifest(cfg.data.dir, cfg.data.storage_options, cfg.data.wait_for_data_s, say)
+        wait_for_manifest(cfg.data.dir, cfg.data.storage_options, cfg.data.wait_for_data_s)
         return
     if not (cfg.data.auto_prepare and is_main):
         return
     manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
     if manifest is None or not manifest.complete:
-        print(f"preparing {cfg.data.source} into {cfg.data.dir} (data.auto_prepare=true)", flush=True)
-        print(prepare(cfg, progress=False), flush=True)
+        log.info(f"preparing {cfg.data.source} into {cfg.data.dir} (data.auto_prepare=true)")
+        log.info(str(prepare(cfg, progress=False)))
 
 
 def _skip(docs: Iterator[str], n: int) -> Iterator[str]:
@@ -389,14 +393,18 @@ def _cpu_count() -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logs.setup()
     cfg = cli_config(sys.argv[1:] if argv is None else argv, USAGE)
     try:
         summary = prepare(cfg)
-    except (TokenizerError, StorageError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(summary)
-    print(f"shards in {cfg.data.dir}")
+    except Gpt2Error as err:
+        log.error("%s", err)
+        sys.exit(exit_code(err))
+    except OSError as err:  # the file system itself (a full disk, a read-only mount): no traceback either
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(EXIT_ERROR)
+    log.info(str(summary))
+    log.info(f"shards in {cfg.data.dir}")
 
 
 if __name__ == "__main__":

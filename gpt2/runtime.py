@@ -1,23 +1,16 @@
-"""Process concerns shared by the entry points: exit codes, the preemption flag, precision."""
+"""Process concerns shared by the entry points: the preemption flag, precision, RNG state."""
 
 from __future__ import annotations
 
+import logging
 import signal
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-# The loss went NaN/inf and stayed there (optim.max_skipped_steps): a restart would not help.
-EXIT_DIVERGED = 3
-# Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
-# restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
-EXIT_PREEMPTED = 200
-# No progress for train.hang_timeout_s (gpt2.watchdog): retryable too, the restart resumes.
-EXIT_HUNG = 201
+log = logging.getLogger(__name__)
+
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
@@ -46,7 +39,7 @@ class PreemptionFlag:
         # Repeats are expected (SLURM signals every process of a step, torchrun forwards the same
         # signal again); a worker that never gets to save is SIGKILLed by torchrun after 30 s.
         if self.signum is None:
-            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
+            log.warning(f"received {signal.Signals(signum).name}: saving a checkpoint after this step")
         self.signum = signum
 
 

@@ -7,12 +7,18 @@ Hugging Face GPT-2 directory, or a hub name such as gpt2 (needs network).
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 import torch
 
+from gpt2 import logs
+from gpt2.errors import Gpt2Error, exit_code
 from gpt2.loading import load_model
 from gpt2.model import GPT, generate
 from gpt2.tokenizer import Tokenizer
+
+log = logging.getLogger("gpt2.sample")  # also when run as __main__
 
 
 def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
@@ -37,10 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokenizer-dir", default=None, help="encoder.json + vocab.bpe for offline use")
     args = p.parse_args(argv)
+    logs.setup()
     try:
         model, tokenizer = load_model(args.source, tokenizer_dir=args.tokenizer_dir)
-    except Exception as err:
-        raise SystemExit(f"error: cannot load {args.source}: {err}") from None
+    except Gpt2Error as err:
+        log.error("cannot load %s: %s", args.source, err)
+        sys.exit(exit_code(err))
     model.to(args.device)
     for i, text in enumerate(sample_texts(model, tokenizer, args.prompt, args.num_samples, args.tokens,
                                           args.top_k, args.seed, args.device)):

@@ -15,25 +15,25 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gpt2.errors import DataError
 from gpt2.storage import filesystem, is_local, join, with_retries, write_bytes
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "gpt2-shards/1"
 DTYPE = np.uint16
 
-
-class DataError(RuntimeError):
-    """The token data is missing or not what the config expects; the message names file and fix."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -106,7 +106,7 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
 
 
 def wait_for_manifest(url: str, storage_options: dict[str, Any] | None, timeout_s: float,
-                      say: Callable[[str], None], poll_s: float = 10.0) -> None:
+                      poll_s: float = 10.0) -> None:
     """Wait until `url` holds a complete manifest, saying what it waits for (every minute);
     DataError when `timeout_s` passes first."""
     start = time.monotonic()
@@ -123,7 +123,7 @@ def wait_for_manifest(url: str, storage_options: dict[str, Any] | None, timeout_
                 f"{timeout_s:g}); prepare the data (python -m gpt2.prepare CONFIG data.dir={url}, "
                 "python launch/slurm.py prepare, or the gpt2-prepare Job on Kubernetes) or wait longer")
         if waited - said >= 60:
-            say(f"waiting for data: {url}/{MANIFEST} is {state}; waiting up to {timeout_s - waited:.0f} s more "
+            log.info(f"waiting for data: {url}/{MANIFEST} is {state}; waiting up to {timeout_s - waited:.0f} s more "
                 "(data.wait_for_data_s)")
             said = waited
         time.sleep(min(poll_s, max(timeout_s - waited, 0.1)))

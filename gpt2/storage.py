@@ -13,12 +13,11 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from gpt2.errors import StorageError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-class StorageError(RuntimeError):
-    """A storage operation failed for good (after retries)."""
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

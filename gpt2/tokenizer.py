@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from gpt2.errors import TokenizerError
+
 # sha256 of OpenAI's GPT-2 BPE files, as pinned by tiktoken (tiktoken_ext/openai_public.py).
 GPT2_FILE_HASHES = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -19,9 +21,6 @@ GPT2_FILE_HASHES = {
 TOKENIZER_DIR_ENV = "GPT2_TOKENIZER_DIR"
 EOT_GPT2 = 50256
 
-
-class TokenizerError(RuntimeError):
-    """The tokenizer files are missing or not the expected ones; the message says what to do."""
 
 
 class Tokenizer(Protocol):

@@ -13,37 +13,28 @@ import sys
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2 import distributed
-from gpt2.checkpoint import Checkpointer, CheckpointError
+from gpt2 import distributed, logs
+from gpt2.checkpoint import Checkpointer, ResumePoint, find_resume_point
 from gpt2.config import Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
+from gpt2.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, exit_code
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
-from gpt2.optim import NonFiniteGuard, TrainingDiverged, build_optimizer, lr_at
+from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
 from gpt2.prepare import ensure_data
-from gpt2.runtime import (
-    EXIT_CONFIG,
-    EXIT_DIVERGED,
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    PreemptionFlag,
-    RNGState,
-    autocast_for,
-    resolve_dtype,
-    set_tf32,
-)
-from gpt2.shards import DataError
-from gpt2.storage import StorageError
-from gpt2.tokenizer import TokenizerError, tokenizer_class
+from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, resolve_dtype, set_tf32
+from gpt2.tokenizer import tokenizer_class
 from gpt2.watchdog import Watchdog
+
+log = logging.getLogger("gpt2.train")  # also when run as __main__
 
 # Steps after each (re)start whose throughput is not plotted: compilation and caches warm up.
 WARMUP = 2
@@ -69,19 +60,49 @@ class Progress:
         self.step = int(state["step"])
 
 
-class Trainer:
-    """Builds the parts of a run (data, model, optimizer, checkpointer, evaluator, metrics) and trains."""
+@dataclass
+class StepOutput:
+    """What one optimizer step returns (before the all-reduce)."""
 
-    def __init__(self, cfg: Config, dist: distributed.Dist, micro_batch_note: str | None = None):
-        self.cfg, self.dist, self.device = cfg, dist, dist.device
-        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
-        self.autocast = autocast_for(self.device, self.dtype)
-        set_tf32(self.device, cfg.train.tf32)
+    loss_sum: torch.Tensor  # loss summed over this rank's micro-steps
+    grad_norm: torch.Tensor
+    batch_hash: int
+    data_seconds: float  # host time spent reading and copying batches
+
+
+class Trainer:
+    """Builds the parts of a run (data, model, optimizer, checkpointer, evaluator, metrics) and trains.
+
+    `Trainer.build(cfg, dist)` is the one start-up of a run (train, bench): it answers what the
+    run resumes from, chooses the micro-batch, checks the batch split and gets the data ready.
+    """
+
+    @classmethod
+    def build(cls, cfg: Config, dist: distributed.Dist) -> Trainer:
+        """Everything between a parsed config and the first step."""
         n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
         if n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but model.vocab_size is "
                               f"{cfg.model.vocab_size}")
-        self.train_loader, self.val_loader = build_loaders(cfg, dist.rank, dist.world_size)
+        resume = find_resume_point(cfg.checkpoint, dist.is_main)
+        notes = []
+        micro_batch = cfg.train.micro_batch
+        if micro_batch == "auto":
+            micro_batch, why = choose_micro_batch(cfg, dist, resume)
+            notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
+        t = cfg.train  # a batch that cannot be split fails before any work
+        grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
+        ensure_data(cfg, dist.is_main)
+        distributed.barrier()
+        return cls(cfg, dist, micro_batch, resume, notes)
+
+    def __init__(self, cfg: Config, dist: distributed.Dist, micro_batch: int, resume: ResumePoint | None = None,
+                 notes: list[str] | None = None):
+        self.cfg, self.dist, self.device, self.micro_batch = cfg, dist, dist.device, micro_batch
+        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        self.autocast = autocast_for(self.device, self.dtype)
+        set_tf32(self.device, cfg.train.tf32)
+        self.train_loader, self.val_loader = build_loaders(cfg, micro_batch, dist.rank, dist.world_size)
         self.accum = self.train_loader.layout.accum_steps
         self.read_ahead = ReadAhead(self.train_loader)
 
@@ -101,41 +122,46 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg.checkpoint, is_writer=dist.is_main, describe=self.describe,
             parts={"model": self.raw_model, "optimizer": self.optimizer, "progress": self.progress, "rng": RNGState()})
-        resumed_from = self.checkpointer.resume()
+        if resume is not None:
+            self.checkpointer.restore(resume)
         self.metrics = MetricsLogger(cfg.logging.dir, dist.is_main, cfg.train.max_steps, cfg.train.log_every,
                                      purge_step=self.progress.step)
         self.evaluator = Evaluator(cfg, dist, self.model, self.raw_model, self.val_loader, self.autocast,
                                    self.metrics)
         self.preemption = PreemptionFlag()
-
         n_params = self.raw_model.num_params()
         self.flops_per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.train.seq_len)
         self.peak_flops, self.device_name = device_peak_flops(self.device, self.dtype)
-        self.metrics.info(
-            f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 6*L*C*T); "
-            f"world size {dist.world_size}, {self.accum} micro-steps of {cfg.train.micro_batch} x "
-            f"{cfg.train.seq_len} per rank = {cfg.train.total_batch_tokens:,} tokens/step; device "
-            f"{self.device_name} ({self.dtype}); "
-            + (f"peak {self.peak_flops / 1e12:.0f} TFLOP/s" if self.peak_flops
-               else "MFU unknown (no known peak FLOP/s for this device)"))
-        self.metrics.info(f"resumed from {resumed_from} at step {self.progress.step}" if resumed_from
-                          else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
-        if micro_batch_note:
-            self.metrics.info(micro_batch_note)
+        self.announce(n_params, resume, notes or [])
+
+    def announce(self, n_params: int, resume: ResumePoint | None, notes: list[str]) -> None:
+        """Say what this run is: on the console, and once per start in TensorBoard."""
+        cfg, dist = self.cfg, self.dist
+        log.info(f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 6*L*C*T); "
+                 f"world size {dist.world_size}, {self.accum} micro-steps of {self.micro_batch} x "
+                 f"{cfg.train.seq_len} per rank = {cfg.train.total_batch_tokens:,} tokens/step; device "
+                 f"{self.device_name} ({self.dtype}); "
+                 + (f"peak {self.peak_flops / 1e12:.0f} TFLOP/s" if self.peak_flops
+                    else "MFU unknown (no known peak FLOP/s for this device)"))
+        log.info(f"resumed from {resume.url} at step {self.progress.step}" if resume
+                 else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
+        for note in notes:
+            log.info(note)
         m, o, t = cfg.model, cfg.optim, cfg.train
         self.metrics.start(self.progress.step, {
             "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
             "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,
-            "total_batch_tokens": t.total_batch_tokens, "seq_len": t.seq_len, "micro_batch": t.micro_batch,
-            "world_size": dist.world_size, "compile": t.compile}, t.micro_batch, self.accum)
+            "total_batch_tokens": t.total_batch_tokens, "seq_len": t.seq_len, "micro_batch": self.micro_batch,
+            "world_size": dist.world_size, "compile": t.compile}, self.micro_batch, self.accum)
         self.metrics.text("config", "```\n" + to_yaml(cfg, redact=True) + "\n```"
-                          + (f"\n\n{micro_batch_note}" if micro_batch_note else ""), self.progress.step)
+                          + "".join(f"\n\n{note}" for note in notes), self.progress.step)
 
     def describe(self, step: int) -> dict[str, Any]:
         """What a checkpoint's commit marker says about it (`gpt2.checkpoint inspect` shows it)."""
         return {
             "tokens_seen": step * self.cfg.train.total_batch_tokens,
             "world_size": self.dist.world_size,
+            "micro_batch": self.micro_batch,
             "data_position": {"next_step": step, "rows_per_step": self.train_loader.layout.rows_per_step,
                               "epoch": self.train_loader.epoch_of(step)},
             "sample_seed": self.cfg.train.seed,
@@ -146,7 +172,7 @@ class Trainer:
         """Train from the resumed step to train.max_steps, or to a stop; returns the exit code."""
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
         if self.progress.step >= max_steps:
-            self.metrics.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
+            log.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
             return EXIT_OK
         first = self.progress.step
         if cfg.train.compile:
@@ -158,27 +184,27 @@ class Trainer:
                 self.evaluator.run_due(step)
                 watchdog.beat()
                 t0 = time.time()
-                loss, norm, batch_hash = self.train_step(step)
-                loss, preempted, batch_hash = self.reduce(loss, batch_hash)  # syncs: time the step after it
+                out = self.train_step(step)
+                loss, preempted, batch_hash = self.reduce(out.loss_sum, out.batch_hash)  # syncs: time after it
                 dt = time.time() - t0
                 self.progress.step = done = step + 1
                 watchdog.beat()
-                self.metrics.step(self.record(step, loss, float(norm), batch_hash, dt, warmup=step - first < WARMUP))
+                self.metrics.step(self.record(step, loss, out, batch_hash, dt, warmup=step - first < WARMUP))
                 if done == max_steps:
                     self.evaluator.run_due(done, last=True)
                     self.checkpointer.save_final(done, "final")
                 elif preempted:
                     self.checkpointer.save_final(done, "preemption")
-                    self.metrics.info(f"preempted: checkpoint saved at step {done}; exiting with {EXIT_PREEMPTED}")
+                    log.info(f"preempted: checkpoint saved at step {done}; exiting with {EXIT_PREEMPTED}")
                     return EXIT_PREEMPTED
                 elif done == cfg.train.stop_at_step:
                     self.checkpointer.save_final(done, "stop_at_step")
-                    self.metrics.info(f"stopping at step {done} (train.stop_at_step); checkpoint saved")
+                    log.info(f"stopping at step {done} (train.stop_at_step); checkpoint saved")
                     return EXIT_OK
                 elif not self.guard.skipped:  # no periodic save while updates are being skipped
                     self.checkpointer.step_end(done)
-        self.metrics.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
-                          f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
+        log.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
+                 f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
         return EXIT_OK
 
     def warm_up(self) -> None:
@@ -186,7 +212,7 @@ class Trainer:
         zeros without gradient sync, then a barrier (within the process-group timeout). Ranks whose
         compilation is slow (another node, a cold cache) then no longer stall their peers' all-reduce."""
         t0 = time.time()
-        x = torch.zeros((self.cfg.train.micro_batch, self.cfg.train.seq_len), dtype=torch.long, device=self.device)
+        x = torch.zeros((self.micro_batch, self.cfg.train.seq_len), dtype=torch.long, device=self.device)
         sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
         with sync:
             with self.autocast:
@@ -194,31 +220,34 @@ class Trainer:
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         distributed.barrier()
-        self.metrics.info(f"compiled the training step in {time.time() - t0:.1f} s (every rank ready)")
+        log.info(f"compiled the training step in {time.time() - t0:.1f} s (every rank ready)")
 
-    def record(self, step: int, loss: float, norm: float, batch_hash: int, dt: float, warmup: bool) -> StepRecord:
+    def record(self, step: int, loss: float, out: StepOutput, batch_hash: int, dt: float,
+               warmup: bool) -> StepRecord:
         tokens_per_sec = self.cfg.train.total_batch_tokens / dt
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
-        return StepRecord(step, loss, lr_at(step, self.cfg.optim, self.cfg.train.max_steps), norm, dt * 1000,
-                          tokens_per_sec, mfu(tokens_per_sec, self.flops_per_token, self.peak_flops,
-                                              self.dist.world_size),
-                          batch_hash, self.dist.world_size, self.data_seconds / dt, peak, warmup)
+        return StepRecord(
+            step=step, loss=loss, lr=lr_at(step, self.cfg.optim, self.cfg.train.max_steps),
+            grad_norm=float(out.grad_norm), step_time_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
+            mfu=mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.dist.world_size),
+            batch_hash=batch_hash, world_size=self.dist.world_size, data_share=out.data_seconds / dt,
+            peak_memory_gib=peak, warmup=warmup)
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step; returns (loss summed over micro-steps on this rank, grad norm, batch hash)."""
+    def train_step(self, step: int) -> StepOutput:
+        """One optimizer step over this rank's micro-batches."""
         lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         batch_hash = 0
-        self.data_seconds = 0.0  # host time spent reading and copying batches in this step
+        data_seconds = 0.0
         for micro in range(self.accum):
             t0 = time.perf_counter()
             rows = self.read_ahead.rows(step, micro)
             batch_hash += row_hash(rows, self.train_loader.layout.first_row(0, micro, self.dist.rank))
             x, y = to_device(rows, self.device)  # pinned + non-blocking on CUDA
-            self.data_seconds += time.perf_counter() - t0
+            data_seconds += time.perf_counter() - t0
             # gradients are all-reduced only on the last micro-step (forward and backward both)
             last = micro == self.accum - 1
             sync = self.model.no_sync() if isinstance(self.model, DDP) and not last else nullcontext()
@@ -231,7 +260,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
         if self.guard.allows(step, float(norm)):
             self.optimizer.step()
-        return loss_sum, norm, batch_hash
+        return StepOutput(loss_sum, norm, batch_hash, data_seconds)
 
     def reduce(self, loss_sum: torch.Tensor, batch_hash: int) -> tuple[float, bool, int]:
         """One all-reduce for the mean loss, the preemption flag of any rank and the global batch hash."""
@@ -248,38 +277,28 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     cfg = cli_config(sys.argv[1:] if argv is None else argv, USAGE)
     sys.exit(run(cfg))
 
 
 def run(cfg: Config) -> int:
     """Train per `cfg`; returns the process exit code (errors become messages here)."""
-    # collectives time out after twice the watchdog's limit: the watchdog, with its clearer message,
-    # acts first in the loop; the timeout covers the collectives before it (resume, data barrier)
-    try:
-        dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
     trainer = None
+    dist = None
     code = EXIT_ERROR
     try:
-        micro_batch_note = None
-        if cfg.train.micro_batch == "auto":
-            cfg.train.micro_batch, why = choose_micro_batch(cfg, dist)
-            micro_batch_note = f"train.micro_batch=auto chose {cfg.train.micro_batch}: {why}"
-        t = cfg.train  # a batch that cannot be split fails before any work
-        grad_accum_steps(t.total_batch_tokens, t.micro_batch, t.seq_len, dist.world_size)
-        ensure_data(cfg, dist.is_main)
-        distributed.barrier()
-        trainer = Trainer(cfg, dist, micro_batch_note)
+        # collectives time out after twice the watchdog's limit: the watchdog, with its clearer message,
+        # acts first in the loop; the timeout covers the collectives before it (resume, data barrier)
+        dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
+        logs.setup(dist.rank)
+        trainer = Trainer.build(cfg, dist)
         code = trainer.fit()
-    except (ConfigError, TrainingDiverged, DataError, TokenizerError, CheckpointError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = {ConfigError: EXIT_CONFIG, TrainingDiverged: EXIT_DIVERGED}.get(type(err), EXIT_ERROR)
+    except Gpt2Error as err:
+        log.error("%s", err)
+        code = exit_code(err)
     except Exception:
-        if dist.world_size > 1:
+        if dist is not None and dist.world_size > 1:
             # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
             # any further collective or DDP destructor could hang, so leave without tearing down.
             traceback.print_exc()
@@ -295,8 +314,8 @@ def run(cfg: Config) -> int:
         else:
             distributed.abort()
     if code == EXIT_OK and dist.is_main:
-        print(f"outputs: checkpoints {cfg.checkpoint.dir} | TensorBoard {cfg.logging.dir} "
-              f"(tensorboard --logdir {cfg.logging.dir}) | steps {os.path.join(cfg.logging.dir, 'steps.jsonl')}")
+        log.info(f"outputs: checkpoints {cfg.checkpoint.dir} | TensorBoard {cfg.logging.dir} "
+                 f"(tensorboard --logdir {cfg.logging.dir}) | steps {os.path.join(cfg.logging.dir, 'steps.jsonl')}")
     return code
 
 

@@ -9,6 +9,7 @@ the last checkpoint instead of burning the allocation.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -16,7 +17,9 @@ import time
 import traceback
 from collections.abc import Callable
 
-from gpt2.runtime import EXIT_HUNG
+from gpt2.errors import EXIT_HUNG
+
+log = logging.getLogger(__name__)
 
 
 class Watchdog:
@@ -45,13 +48,13 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
-                print(f"error: no progress for {idle:.0f} s ({self.where()}; train.hang_timeout_s={self.timeout_s:g}): "
-                      f"a peer is frozen or a collective or a read hangs. Exiting with {EXIT_HUNG} so that the job "
-                      "restarts from its last checkpoint. Stacks of this process:", file=sys.stderr, flush=True)
                 names = {t.ident: t.name for t in threading.enumerate()}
-                for ident, frame in sys._current_frames().items():
-                    print(f"Thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}",
-                          file=sys.stderr)
-                sys.stderr.flush()
+                stacks = "\n".join(f"Thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}"
+                                   for ident, frame in sys._current_frames().items())
+                log.error(f"no progress for {idle:.0f} s ({self.where()}; train.hang_timeout_s={self.timeout_s:g}): "
+                          f"a peer is frozen or a collective or a read hangs. Exiting with {EXIT_HUNG} so that the "
+                          f"job restarts from its last checkpoint. Stacks of this process:\n{stacks}")
+                for handler in logging.getLogger("gpt2").handlers:
+                    handler.flush()
                 self._exit(EXIT_HUNG)
                 return

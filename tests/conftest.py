@@ -18,6 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def console_messages():
+    """The package's messages reach the console as in the entry points (gpt2.logs), so capsys sees
+    what a user sees; caplog sees them too."""
+    from gpt2 import logs
+
+    logs.setup(rank=0)
+    yield
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data (see its SOURCES.md). Skips when absent; with CI=true, fails."""
     path = SHARED_DATA / name

@@ -7,8 +7,13 @@ import json
 import logging
 import sys
 
-from gpt2.checkpoint import CheckpointError, CheckpointStore, read_meta, resolve_checkpoint
-from gpt2.storage import StorageError
+from gpt2 import logs
+from gpt2.checkpoint.store import CheckpointStore, read_meta, resolve_checkpoint
+from gpt2.checkpoint.weights import model_from_checkpoint
+from gpt2.errors import Gpt2Error, exit_code
+from gpt2.model import export_hf
+
+log = logging.getLogger("gpt2.checkpoint")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     p_export.add_argument("out_dir")
     p_export.add_argument("--tokenizer-dir", default=None, help="copy encoder.json/vocab.bpe from here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logs.setup()
     try:
         if args.command == "list":
             found = CheckpointStore(args.url).complete()
@@ -43,15 +48,12 @@ def main(argv: list[str] | None = None) -> None:
             print("config:")
             print(json.dumps(config, indent=2))
         else:
-            from gpt2.loading import load_model
-            from gpt2.model import export_hf
-
-            model, _ = load_model(args.url, tokenizer_dir=args.tokenizer_dir)
+            model, _ = model_from_checkpoint(args.url, tokenizer_dir=args.tokenizer_dir)
             out = export_hf(model, args.out_dir, tokenizer_dir=args.tokenizer_dir)
             print(f"exported {args.url} to {out} (transformers.GPT2LMHeadModel.from_pretrained('{out}'))")
-    except (CheckpointError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except Gpt2Error as err:
+        log.error("%s", err)
+        sys.exit(exit_code(err))
 
 
 if __name__ == "__main__":

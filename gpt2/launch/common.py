@@ -15,6 +15,7 @@ from gpt2.config import (
     load_config,
     redact_url,
 )
+from gpt2.errors import LaunchError
 
 # Environment for torchrun and the trainer, the same on SLURM, Kubernetes and in the image.
 TRAINER_ENV: dict[str, str] = {
@@ -28,9 +29,6 @@ TRAINER_ENV: dict[str, str] = {
 RDZV_PORT = 29400
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9](:[\w][\w.-]{0,127}|@sha256:[a-f0-9]{64})$")
 
-
-class LaunchError(ValueError):
-    """Bad launcher input; the message says what to change. Nothing has been submitted."""
 
 
 def require(module: str, extra: str) -> ModuleType:

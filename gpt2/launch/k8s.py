@@ -12,13 +12,18 @@ Needs the `kubernetes` client (`pip install 'gpt2[k8s]'`) only to talk to a clus
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from gpt2 import logs
+from gpt2.errors import Gpt2Error, exit_code
 from gpt2.launch.common import LaunchError, check_overrides, require
 from gpt2.launch.k8s_manifests import JOB_LABEL, PVC_NAME, TENSORBOARD, Options, render, to_yaml, write
+
+log = logging.getLogger("gpt2.launch.k8s")
 
 # ---- talking to the API server --------------------------------------------------------------------
 
@@ -103,10 +108,10 @@ def _create_each(objs: list[dict[str, Any]], ops, namespace: str) -> list[tuple[
         try:
             ops[kind][0](namespace, obj)
             created.append((kind, name))
-            print(f"created {kind} {namespace}/{name}")
+            log.info(f"created {kind} {namespace}/{name}")
         except ApiException as err:
             if err.status == 409 and kind not in ("PyTorchJob", "Job"):
-                print(f"{kind} {namespace}/{name} already exists: reusing it")
+                log.info(f"{kind} {namespace}/{name} already exists: reusing it")
                 continue
             rolled = _rollback(created, ops, namespace)
             hint = (f"; delete it first (python launch/k8s.py delete --name {name}) or pick another --name"
@@ -123,7 +128,7 @@ def wait_for_preparation(api, name: str, namespace: str, show_progress: bool, po
     from kubernetes import client
 
     batch = client.BatchV1Api(api)
-    print(f"waiting for the preparation Job {namespace}/{name}; logs: kubectl logs -n {namespace} job/{name} -f")
+    log.info(f"waiting for the preparation Job {namespace}/{name}; logs: kubectl logs -n {namespace} job/{name} -f")
     last = None
     while True:
         job = json.loads(batch.read_namespaced_job_status(name, namespace, _preload_content=False).data)
@@ -131,10 +136,10 @@ def wait_for_preparation(api, name: str, namespace: str, show_progress: bool, po
         failed = [c for c in status.get("conditions", []) if c.get("type") == "Failed" and c.get("status") == "True"]
         counts = (status.get("active", 0), status.get("succeeded", 0), status.get("failed", 0))
         if show_progress and counts != last:
-            print(f"preparation {name}: active {counts[0]}, succeeded {counts[1]}, failed {counts[2]}", flush=True)
+            log.info(f"preparation {name}: active {counts[0]}, succeeded {counts[1]}, failed {counts[2]}")
             last = counts
         if counts[1]:
-            print(f"preparation {name} succeeded")
+            log.info(f"preparation {name} succeeded")
             return
         if failed:
             raise LaunchError(f"the preparation Job {namespace}/{name} failed ({failed[0].get('reason', '')}: "
@@ -153,7 +158,7 @@ def _rollback(created: list[tuple[str, str]], ops, namespace: str) -> str:
             ops[kind][1](namespace, name)
             undone.append(f"{kind}/{name}")
         except ApiException as err:
-            print(f"WARNING: could not roll back {kind} {namespace}/{name}: {_api_message(err)}", file=sys.stderr)
+            log.warning(f"could not roll back {kind} {namespace}/{name}: {_api_message(err)}")
     return f" (rolled back: {', '.join(undone)})" if undone else ""
 
 
@@ -167,12 +172,12 @@ def delete(api, name: str, namespace: str, with_companions: bool) -> None:
     for kind, obj in targets:
         try:
             ops[kind][1](namespace, obj)
-            print(f"deleted {kind} {namespace}/{obj}")
+            log.info(f"deleted {kind} {namespace}/{obj}")
         except ApiException as err:
             if err.status != 404:
                 raise LaunchError(f"deleting {kind} {namespace}/{obj} failed: {_api_message(err)}") from None
-            print(f"{kind} {namespace}/{obj} not found")
-    print(f"the PVC {PVC_NAME} (data, checkpoints, logs) is kept; kubectl delete pvc {PVC_NAME} removes it")
+            log.info(f"{kind} {namespace}/{obj} not found")
+    log.info(f"the PVC {PVC_NAME} (data, checkpoints, logs) is kept; kubectl delete pvc {PVC_NAME} removes it")
 
 
 def follow(api, name: str, namespace: str, poll_s: float = 10.0) -> int:
@@ -180,7 +185,7 @@ def follow(api, name: str, namespace: str, poll_s: float = 10.0) -> int:
     from kubernetes import client
 
     custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    print(f"logs: kubectl logs -n {namespace} -l {JOB_LABEL}={name} -f --prefix")
+    log.info(f"logs: kubectl logs -n {namespace} -l {JOB_LABEL}={name} -f --prefix")
     last = None
     while True:
         job = custom.get_namespaced_custom_object("kubeflow.org", "v1", namespace, "pytorchjobs", name)
@@ -189,7 +194,7 @@ def follow(api, name: str, namespace: str, poll_s: float = 10.0) -> int:
         phases = sorted((p.metadata.name, p.status.phase) for p in pods)
         state = (conditions[-1:] if conditions else [], phases)
         if state != last:
-            print(f"job {name}: {conditions[-1][0] if conditions else 'Pending'}; pods: "
+            log.info(f"job {name}: {conditions[-1][0] if conditions else 'Pending'}; pods: "
                   + ", ".join(f"{n}={ph}" for n, ph in phases))
             last = state
         done = {t for t, s in conditions if s == "True"}
@@ -236,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--keep-tensorboard", action="store_true")
     d.add_argument("--kubeconfig", default=None)
     args = p.parse_args(argv)
+    logs.setup()
     try:
         if args.command == "delete":
             delete(api_client(args.kubeconfig), args.name, args.namespace, not args.keep_tensorboard)
@@ -247,23 +253,23 @@ def main(argv: list[str] | None = None) -> int:
         manifests = render(opts)
         if args.command == "render":
             write(manifests, Path(args.out))
-            print(f"wrote {', '.join(manifests)} to {args.out}/")
+            log.info(f"wrote {', '.join(manifests)} to {args.out}/")
             return 0
         order = (manifests["pvc.yaml"] + manifests["tensorboard.yaml"]
                  + (manifests["prepare-job.yaml"] if args.prepare else []) + manifests["pytorchjob.yaml"])
         if args.dry_run:
-            print(to_yaml(order))
+            sys.stdout.write(to_yaml(order) + "\n")  # the manifests themselves, not a message
             return 0
         namespace = args.namespace or "default"
         api = api_client(args.kubeconfig)
         create(manifests, api, namespace, prepare=args.prepare, show_progress=args.follow)
         job = manifests["pytorchjob.yaml"][0]["metadata"]["name"]
-        print(f"watch: kubectl get pytorchjob -n {namespace} {job} -w | logs: kubectl logs -n {namespace} "
+        log.info(f"watch: kubectl get pytorchjob -n {namespace} {job} -w | logs: kubectl logs -n {namespace} "
               f"-l {JOB_LABEL}={job} -f | TensorBoard: kubectl port-forward -n {namespace} svc/{TENSORBOARD} 6006")
         return follow(api, job, namespace) if args.follow else 0
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Gpt2Error as err:
+        log.error("%s", err)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

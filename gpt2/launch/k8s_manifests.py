@@ -7,8 +7,8 @@ Targets the Kubeflow Training Operator v1.9.x (`kubeflow.org/v1` PyTorchJob, ela
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from gpt2.launch.common import (
     load_trainer_config,
     torchrun_command,
 )
+
+log = logging.getLogger(__name__)
 
 WORKDIR = "/workspace"
 RUNS_MOUNT = f"{WORKDIR}/runs"
@@ -79,15 +81,44 @@ def storage_overrides(opts: Options, job: str) -> list[str]:
     raise LaunchError(f"--storage must be 'pvc' or an s3:// / gs:// URL, got '{opts.storage}'")
 
 
-def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
-    """The manifests, by file name. Raises LaunchError on bad input."""
-    cfg = load_trainer_config(opts.config, opts.overrides)
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+S3_ENV_FROM = [{"secretRef": {"name": S3_SECRET, "optional": True}}]
+
+
+@dataclass
+class Shared:
+    """What the manifests of one job have in common, resolved once from the options and the config."""
+
+    opts: Options
+    job: str
+    image: str
+    procs: int
+    max_nodes: int
+    max_restarts: int
+    max_requeues: int
+    placed: list[str]  # where data, checkpoints and TensorBoard live inside the pods
+    train_overrides: list[str]  # the user's, with the micro-batch fitted to every world size
+
+    @property
+    def env(self) -> list[dict[str, str]]:
+        return [*({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
+                {"name": "GPT2_CACHE_DIR", "value": f"{RUNS_MOUNT}/.cache"}]
+
+    def runs_volume(self, read_only: bool = False) -> dict[str, Any]:
+        claim: dict[str, Any] = {"claimName": PVC_NAME, **({"readOnly": True} if read_only else {})}
+        return {"name": "runs", "persistentVolumeClaim": claim}
+
+
+def check_options(opts: Options, job: str) -> int:
+    """The launcher's flags (LaunchError on bad input); returns the maximum number of nodes."""
     max_nodes = opts.max_nodes if opts.max_nodes is not None else opts.nodes
     if opts.min_nodes < 1 or opts.nodes < 1:
         raise LaunchError("--nodes and --min-nodes must be at least 1")
     if opts.gpus < 0:
         raise LaunchError(f"--gpus must be 0 (CPU) or more, got {opts.gpus}")
-    for flag, value in (("--name", opts.name or cfg.name), ("--namespace", opts.namespace)):
+    for flag, value in (("--name", job), ("--namespace", opts.namespace)):
         if value is not None and not _valid_label(value, _DNS_LABEL[flag]):
             raise LaunchError(f"{flag} '{value}' is not a valid Kubernetes name: at most {_DNS_LABEL[flag]} "
                               "lower-case letters, digits and '-', starting with a letter and ending with a "
@@ -97,62 +128,80 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
     if not opts.min_nodes <= opts.nodes <= max_nodes:
         raise LaunchError(f"--nodes ({opts.nodes}) must lie between --min-nodes ({opts.min_nodes}) and "
                           f"--max-nodes ({max_nodes})")
-    procs = max(opts.gpus, 1)
-    world_sizes = [n * procs for n in range(opts.min_nodes, max_nodes + 1)]
-    user_overrides, note = fit_micro_batch(cfg, opts.overrides, world_sizes, what=f"with --gpus {opts.gpus}: ")
-    if note:
-        print(note, file=sys.stderr)
-    image = opts.image or cfg.launch.image
-    check_image(image)
-    job = opts.name or cfg.name
     if opts.prepare_cpus < 1:
         raise LaunchError(f"--prepare-cpus must be at least 1, got {opts.prepare_cpus}")
-    placed = storage_overrides(opts, job)
-    # a trainer started before the preparation has finished waits for its manifest
-    overrides = [*placed, f"data.wait_for_data_s={WAIT_FOR_DATA_S}", *user_overrides]
-    command = torchrun_command(opts.config, overrides, nproc_per_node=None)
+    return max_nodes
 
-    env = [{"name": k, "value": v} for k, v in TRAINER_ENV.items()]
-    env.append({"name": "GPT2_CACHE_DIR", "value": f"{RUNS_MOUNT}/.cache"})
-    resources: dict[str, Any] = {"limits": {"nvidia.com/gpu": str(opts.gpus)}} if opts.gpus else {}
+
+def resolve(opts: Options) -> Shared:
+    """Check the options and the config (loaded once) and resolve what the manifests share."""
+    cfg = load_trainer_config(opts.config, opts.overrides)
+    job = opts.name or cfg.name
+    max_nodes = check_options(opts, job)
+    procs = max(opts.gpus, 1)
+    world_sizes = [n * procs for n in range(opts.min_nodes, max_nodes + 1)]
+    train_overrides, note = fit_micro_batch(cfg, opts.overrides, world_sizes, what=f"with --gpus {opts.gpus}: ")
+    if note:
+        log.warning(note)
+    image = opts.image or cfg.launch.image
+    check_image(image)
+    return Shared(opts=opts, job=job, image=image, procs=procs, max_nodes=max_nodes,
+                  max_restarts=cfg.launch.max_restarts, max_requeues=cfg.launch.max_requeues,
+                  placed=storage_overrides(opts, job), train_overrides=train_overrides)
+
+
+def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
+    """The manifests, by file name. Raises LaunchError on bad input."""
+    shared = resolve(opts)
+    return {
+        "pvc.yaml": [pvc(shared)],
+        "tensorboard.yaml": tensorboard(shared),
+        "prepare-job.yaml": [prepare_job(shared)],
+        "pytorchjob.yaml": [pytorchjob(shared)],
+        "s3-secret.example.yaml": [s3_secret(opts)],
+        "kustomization.yaml": [kustomization()],
+    }
+
+
+def pytorchjob(s: Shared) -> dict[str, Any]:
+    """The elastic PyTorchJob: `--nodes` Worker pods (between min and max), torchrun in each."""
+    # a trainer started before the preparation has finished waits for its manifest
+    overrides = [*s.placed, f"data.wait_for_data_s={WAIT_FOR_DATA_S}", *s.train_overrides]
+    command = torchrun_command(s.opts.config, overrides, nproc_per_node=None)
     container = {
         "name": "pytorch",  # the operator requires this name
-        "image": image,
+        "image": s.image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORKDIR,
         # torchrun takes --nnodes, --nproc-per-node, --rdzv-* and --max-restarts from the PET_*
         # variables the operator sets from elasticPolicy and nprocPerNode
         "command": command[:1],
         "args": command[1:],
-        "env": env,
-        "envFrom": [{"secretRef": {"name": S3_SECRET, "optional": True}}],
+        "env": s.env,
+        "envFrom": S3_ENV_FROM,
         "ports": [{"name": "c10d", "containerPort": RDZV_PORT}],
-        "resources": resources,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "resources": {"limits": {"nvidia.com/gpu": str(s.opts.gpus)}} if s.opts.gpus else {},
+        "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "runs", "mountPath": RUNS_MOUNT}],
     }
     pod_spec = {
         "terminationGracePeriodSeconds": GRACE_SECONDS,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": POD_SECURITY,
         "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}},
-            {"name": "runs", "persistentVolumeClaim": {"claimName": PVC_NAME}},
-        ],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}, s.runs_volume()],
     }
-    pytorchjob = {
+    return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _meta(job, opts),
+        "metadata": _meta(s.job, s.opts),
         "spec": {
-            "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": opts.min_nodes, "maxReplicas": max_nodes,
-                              "maxRestarts": cfg.launch.max_restarts},
-            "nprocPerNode": str(procs),
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": cfg.launch.max_requeues},
+            "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": s.opts.min_nodes, "maxReplicas": s.max_nodes,
+                              "maxRestarts": s.max_restarts},
+            "nprocPerNode": str(s.procs),
+            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": s.max_requeues},
             "pytorchReplicaSpecs": {
                 "Worker": {
-                    "replicas": opts.nodes,
+                    "replicas": s.opts.nodes,
                     # 128-255 (signals, our preemption code 200) restart the pod, which resumes from the
                     # newest checkpoint; 1-127 (config or data errors) fail the job instead of looping
                     "restartPolicy": "ExitCode",
@@ -161,42 +210,84 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
             },
         },
     }
-    pvc_spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": opts.pvc_size}}}
-    if opts.storage_class:
-        pvc_spec["storageClassName"] = opts.storage_class
-    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(PVC_NAME, opts), "spec": pvc_spec}
-    tb_labels = {"app.kubernetes.io/name": TENSORBOARD}
-    tb_deploy = {
+
+
+def pvc(s: Shared) -> dict[str, Any]:
+    """The shared volume for data, checkpoints and TensorBoard (ReadWriteMany: every pod mounts it)."""
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": s.opts.pvc_size}}}
+    if s.opts.storage_class:
+        spec["storageClassName"] = s.opts.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(PVC_NAME, s.opts), "spec": spec}
+
+
+def tensorboard(s: Shared) -> list[dict[str, Any]]:
+    """A TensorBoard Deployment over the volume, read-only, and its Service."""
+    labels = {"app.kubernetes.io/name": TENSORBOARD}
+    container = {
+        "name": "tensorboard",
+        "image": s.image,
+        "command": ["tensorboard", "--logdir", RUNS_MOUNT, "--host", "0.0.0.0", "--port", "6006"],
+        "ports": [{"name": "http", "containerPort": 6006}],
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT, "readOnly": True}],
+    }
+    deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(TENSORBOARD, opts, **tb_labels),
+        "metadata": _meta(TENSORBOARD, s.opts, **labels),
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": tb_labels},
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {
+                "securityContext": POD_SECURITY, "containers": [container],
+                "volumes": [s.runs_volume(read_only=True)]}},
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(TENSORBOARD, s.opts, **labels),
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": 6006, "targetPort": "http"}]},
+    }
+    return [deployment, service]
+
+
+def prepare_job(s: Shared) -> dict[str, Any]:
+    """The data preparation as a batch Job on CPUs, writing the shards onto the volume."""
+    name = f"{s.job}-prepare"
+    container = {
+        "name": "prepare",
+        "image": s.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORKDIR,
+        # the image's entrypoint: `prepare ARGS` runs python -m gpt2.prepare ARGS
+        "args": ["prepare", s.opts.config, *[o for o in s.placed if o.startswith("data.")],
+                 *s.opts.overrides, f"data.workers={s.opts.prepare_cpus}"],
+        "env": [*s.env, {"name": "HF_HOME", "value": f"{RUNS_MOUNT}/.cache/huggingface"}],
+        "envFrom": S3_ENV_FROM,
+        "resources": {"requests": {"cpu": str(s.opts.prepare_cpus), "memory": "32Gi"}},
+        "securityContext": CONTAINER_SECURITY,
+        "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(name, s.opts, **{"app.kubernetes.io/name": name}),
+        "spec": {
+            # a failed or evicted pod is retried; the preparation resumes after its last finished shard
+            "backoffLimit": 10,
             "template": {
-                "metadata": {"labels": tb_labels},
-                "spec": {
-                    "securityContext": pod_spec["securityContext"],
-                    "containers": [{
-                        "name": "tensorboard",
-                        "image": image,
-                        "command": ["tensorboard", "--logdir", RUNS_MOUNT, "--host", "0.0.0.0", "--port", "6006"],
-                        "ports": [{"name": "http", "containerPort": 6006}],
-                        "securityContext": container["securityContext"],
-                        "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT, "readOnly": True}],
-                    }],
-                    "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": PVC_NAME, "readOnly": True}}],
-                },
+                "metadata": {"labels": {"app.kubernetes.io/part-of": "gpt2", "app.kubernetes.io/name": name}},
+                "spec": {"restartPolicy": "OnFailure", "securityContext": POD_SECURITY, "containers": [container],
+                         "volumes": [s.runs_volume()]},
             },
         },
     }
-    tb_service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _meta(TENSORBOARD, opts, **tb_labels),
-        "spec": {"selector": tb_labels, "ports": [{"name": "http", "port": 6006, "targetPort": "http"}]},
-    }
-    secret = {
+
+
+def s3_secret(opts: Options) -> dict[str, Any]:
+    """An example Secret for object storage; the pods read it as environment variables."""
+    return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": _meta(S3_SECRET, opts),
@@ -204,50 +295,13 @@ def render(opts: Options) -> dict[str, list[dict[str, Any]]]:
         "stringData": {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME",
                        "AWS_ENDPOINT_URL": "https://s3.REGION.amazonaws.com", "AWS_DEFAULT_REGION": "REGION"},
     }
-    prepare_labels = {"app.kubernetes.io/part-of": "gpt2", "app.kubernetes.io/name": f"{job}-prepare"}
-    prepare_job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _meta(f"{job}-prepare", opts, **{"app.kubernetes.io/name": f"{job}-prepare"}),
-        "spec": {
-            # a failed or evicted pod is retried; the preparation resumes after its last finished shard
-            "backoffLimit": 10,
-            "template": {
-                "metadata": {"labels": prepare_labels},
-                "spec": {
-                    "restartPolicy": "OnFailure",
-                    "securityContext": pod_spec["securityContext"],
-                    "containers": [{
-                        "name": "prepare",
-                        "image": image,
-                        "imagePullPolicy": "IfNotPresent",
-                        "workingDir": WORKDIR,
-                        # the image's entrypoint: `prepare ARGS` runs python -m gpt2.prepare ARGS
-                        "args": ["prepare", opts.config, *[o for o in placed if o.startswith("data.")],
-                                 *opts.overrides, f"data.workers={opts.prepare_cpus}"],
-                        "env": [*env, {"name": "HF_HOME", "value": f"{RUNS_MOUNT}/.cache/huggingface"}],
-                        "envFrom": container["envFrom"],
-                        "resources": {"requests": {"cpu": str(opts.prepare_cpus), "memory": "32Gi"}},
-                        "securityContext": container["securityContext"],
-                        "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT}],
-                    }],
-                    "volumes": [{"name": "runs", "persistentVolumeClaim": {"claimName": PVC_NAME}}],
-                },
-            },
-        },
-    }
-    kustomization = {
+
+
+def kustomization() -> dict[str, Any]:
+    return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": ["pvc.yaml", "tensorboard.yaml", "prepare-job.yaml", "pytorchjob.yaml"],
-    }
-    return {
-        "pvc.yaml": [pvc],
-        "tensorboard.yaml": [tb_deploy, tb_service],
-        "prepare-job.yaml": [prepare_job],
-        "pytorchjob.yaml": [pytorchjob],
-        "s3-secret.example.yaml": [secret],
-        "kustomization.yaml": [kustomization],
     }
 
 

@@ -18,6 +18,7 @@ requeues the job; the requeued job runs the same command and resumes from that c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shlex
@@ -30,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt2 import logs
 from gpt2.config import Config
+from gpt2.errors import Gpt2Error, exit_code
 from gpt2.launch.common import (
     RDZV_PORT,
     TRAINER_ENV,
@@ -44,6 +47,8 @@ from gpt2.launch.common import (
 )
 from gpt2.shards import DataError, read_manifest
 from gpt2.storage import StorageError
+
+log = logging.getLogger("gpt2.launch.slurm")
 
 DEFAULT_CPUS_PER_GPU = 8
 # squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
@@ -72,7 +77,7 @@ class Options:
 
 @dataclass
 class Plan:
-    """Everything the submission needs, resolved: where things go and what runs."""
+    """A job, resolved: where things go and what each node runs. `TrainPlan` or `PreparePlan`."""
 
     name: str
     run_dir: Path
@@ -80,21 +85,60 @@ class Plan:
     procs_per_node: int
     overrides: list[str]
     executor_params: dict[str, Any]
-    max_restarts: int
     config_path: str
     data_dir: str
-    kind: str = "train"  # or "prepare"
+    # the task's process in a session of its own, so that a preemption can stop it with its workers
+    own_session = False
 
     @property
     def folder(self) -> Path:
         return self.run_dir / "submitit"
 
     def command(self, first_host: str = "$MASTER_HOST", job_id: str = "$SLURM_JOB_ID") -> list[str]:
-        if self.kind == "prepare":
-            return ["python", "-m", "gpt2.prepare", self.config_path, *self.overrides]
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def on_preemption(self, proc: subprocess.Popen) -> None:
+        """What SIGUSR2 does to the running task before the requeue (nothing: it got the signal too)."""
+
+    def requeue_message(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass
+class TrainPlan(Plan):
+    max_restarts: int = 0
+
+    def command(self, first_host: str = "$MASTER_HOST", job_id: str = "$SLURM_JOB_ID") -> list[str]:
         return torchrun_command(self.config_path, self.overrides, nproc_per_node=self.procs_per_node,
                                 nnodes=str(self.nodes), rdzv_endpoint=f"{first_host}:{RDZV_PORT}", rdzv_id=job_id,
                                 max_restarts=self.max_restarts)
+
+    def describe(self) -> str:
+        return f"training ({self.nodes} node(s) x {self.procs_per_node} process(es))"
+
+    def requeue_message(self) -> str:
+        return "checkpoint saved after the preemption signal; requeueing"
+
+
+@dataclass
+class PreparePlan(Plan):
+    own_session = True
+
+    def command(self, first_host: str = "$MASTER_HOST", job_id: str = "$SLURM_JOB_ID") -> list[str]:
+        return ["python", "-m", "gpt2.prepare", self.config_path, *self.overrides]
+
+    def describe(self) -> str:
+        return f"preparation of {self.data_dir}"
+
+    def on_preemption(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:  # it resumes after its last finished shard
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    def requeue_message(self) -> str:
+        return "preparation stopped after the preemption signal; requeueing"
 
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -147,15 +191,15 @@ def cpus_per_task(opts: Options, procs: int, cpus_per_node: int | None) -> int:
         return wanted
     wanted = DEFAULT_CPUS_PER_GPU * procs
     if cpus_per_node is not None and wanted > cpus_per_node:
-        print(f"note: asking {cpus_per_node} CPUs per node (all a node of {opts.partition or 'the default partition'}"
-              f" has), not {DEFAULT_CPUS_PER_GPU} per process; --cpus-per-gpu sets it", file=sys.stderr)
+        log.warning(f"asking {cpus_per_node} CPUs per node (all a node of {opts.partition or 'the default partition'}"
+                    f" has), not {DEFAULT_CPUS_PER_GPU} per process; --cpus-per-gpu sets it")
         return cpus_per_node
     return wanted
 
 
-def placed_paths(cfg: Config, opts: Options, overrides: list[str]) -> tuple[Path, list[str]]:
-    """The job's run directory and the overrides that put data, checkpoints and TensorBoard on shared
-    storage, absolute, the same for the preparation and the training job:
+def placed_paths(cfg: Config, opts: Options, overrides: list[str]) -> tuple[Path, list[str], str]:
+    """The job's run directory, the overrides that put data, checkpoints and TensorBoard on shared
+    storage, absolute, the same for the preparation and the training job, and the data directory:
 
         <run root>/data/<name of data.dir>      (unless data.dir is absolute, a URL, or set here)
         <run root>/<name>/checkpoints, /tensorboard, /submitit
@@ -166,13 +210,15 @@ def placed_paths(cfg: Config, opts: Options, overrides: list[str]) -> tuple[Path
     run_dir = root / (opts.name or cfg.name)
     placed = {o.split("=", 1)[0] for o in overrides}
     defaults = []
+    data_dir = cfg.data.dir
     if "data.dir" not in placed and "://" not in cfg.data.dir and not Path(cfg.data.dir).is_absolute():
-        defaults.append(f"data.dir={root / 'data' / Path(cfg.data.dir).name}")
+        data_dir = str(root / "data" / Path(cfg.data.dir).name)
+        defaults.append(f"data.dir={data_dir}")
     if "checkpoint.dir" not in placed:
         defaults.append(f"checkpoint.dir={run_dir / 'checkpoints'}")
     if "logging.dir" not in placed:
         defaults.append(f"logging.dir={run_dir / 'tensorboard'}")
-    return run_dir, defaults
+    return run_dir, defaults, data_dir
 
 
 def executor_params(opts: Options, cfg: Config, name: str, nodes: int, cpus: int, run_dir: Path) -> dict[str, Any]:
@@ -199,67 +245,65 @@ def executor_params(opts: Options, cfg: Config, name: str, nodes: int, cpus: int
     return params
 
 
-def plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
-    """Resolve and check the training job (LaunchError on bad input; nothing is submitted).
-    `cpus_per_node`: what the cluster's nodes have, when known (`check_cluster`)."""
+def plan(opts: Options, cfg: Config | None = None, cpus_per_node: int | None = None) -> TrainPlan:
+    """Resolve and check the training job (LaunchError on bad input; nothing is submitted). `cfg`:
+    the trainer config with the user's overrides (loaded here if not given); `cpus_per_node`: what
+    the cluster's nodes have, when known (`check_cluster`)."""
     check_options(opts)
-    cfg = load_trainer_config(opts.config, opts.overrides)
+    cfg = cfg or load_trainer_config(opts.config, opts.overrides)
     procs = max(opts.gpus, 1)
     overrides, note = fit_micro_batch(cfg, opts.overrides, [opts.nodes * procs], what=f"--gpus {opts.gpus}: ")
     if note:
-        print(note, file=sys.stderr)
+        log.warning(note)
     if opts.container_image:
         check_image(opts.container_image)
-    run_dir, defaults = placed_paths(cfg, opts, overrides)
+    run_dir, defaults, data_dir = placed_paths(cfg, opts, overrides)
     name = opts.name or cfg.name
     params = executor_params(opts, cfg, name, opts.nodes, cpus_per_task(opts, procs, cpus_per_node), run_dir)
     if opts.gpus:
         params["gpus_per_node"] = opts.gpus
-    final = load_trainer_config(opts.config, defaults + overrides)
-    return Plan(name=name, run_dir=run_dir, nodes=opts.nodes, procs_per_node=procs, overrides=defaults + overrides,
-                executor_params=params, max_restarts=cfg.launch.max_restarts, config_path=opts.config,
-                data_dir=final.data.dir)
+    return TrainPlan(name=name, run_dir=run_dir, nodes=opts.nodes, procs_per_node=procs,
+                     overrides=defaults + overrides, executor_params=params, config_path=opts.config,
+                     data_dir=data_dir, max_restarts=cfg.launch.max_restarts)
 
 
-def prepare_plan(opts: Options, cpus_per_node: int | None = None) -> Plan:
+def prepare_plan(opts: Options, cfg: Config | None = None, cpus_per_node: int | None = None) -> PreparePlan:
     """The preparation job: one node, `--cpus` CPUs (default: a whole node) and as many tokenizer
     workers; the same data.dir as the training job. Requeued on preemption like training: the
     preparation resumes after its last finished shard."""
     check_options(opts)
-    cfg = load_trainer_config(opts.config, opts.overrides)
+    cfg = cfg or load_trainer_config(opts.config, opts.overrides)
     if opts.cpus is not None and opts.cpus < 1:
         raise LaunchError(f"--cpus must be at least 1, got {opts.cpus}")
     if opts.cpus is not None and cpus_per_node is not None and opts.cpus > cpus_per_node:
         raise LaunchError(f"--cpus {opts.cpus} is more than a node of {opts.partition or 'the default partition'} "
                           f"has ({cpus_per_node}): the job could never start")
     cpus = opts.cpus or cpus_per_node or DEFAULT_CPUS_PER_GPU
-    run_dir, defaults = placed_paths(cfg, opts, opts.overrides)
+    run_dir, defaults, data_dir = placed_paths(cfg, opts, opts.overrides)
     data_defaults = [d for d in defaults if d.startswith("data.dir=")]
     overrides = [*data_defaults, *opts.overrides, f"data.workers={cpus}"]
     name = f"{opts.name or cfg.name}-prepare"
     params = executor_params(opts, cfg, name, 1, cpus, run_dir)
-    final = load_trainer_config(opts.config, overrides)
-    return Plan(name=name, run_dir=run_dir, nodes=1, procs_per_node=1, overrides=overrides, executor_params=params,
-                max_restarts=0, config_path=opts.config, data_dir=final.data.dir, kind="prepare")
+    return PreparePlan(name=name, run_dir=run_dir, nodes=1, procs_per_node=1, overrides=overrides,
+                       executor_params=params, config_path=opts.config, data_dir=data_dir)
 
 
-def check_data(p: Plan, opts: Options) -> None:
+def check_data(p: Plan, cfg: Config, opts: Options) -> None:
     """Refuse a training job whose data is visibly not there: it would queue, get its GPUs and fail."""
-    cfg = load_trainer_config(opts.config, p.overrides)
     if cfg.data.auto_prepare or cfg.data.wait_for_data_s:
         return  # the trainer prepares it, or waits for it
     try:
-        manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
+        manifest = read_manifest(p.data_dir, cfg.data.storage_options)
     except DataError as err:  # there, but broken: the job would fail on it
         raise LaunchError(f"{err}; the job would wait for GPUs, then fail") from None
     except (StorageError, OSError) as err:
-        print(f"note: could not check {cfg.data.dir} from here ({err}); submitting anyway", file=sys.stderr)
+        log.warning(f"could not check {p.data_dir} from here ({err}); submitting anyway")
         return
     if manifest is None or not manifest.complete:
         state = "is missing" if manifest is None else f"is incomplete ({len(manifest.shards)} shards so far)"
         again = shlex.join(["python", "launch/slurm.py", "prepare", "--config", opts.config, *opts.overrides])
         raise LaunchError(
-            f"the training data {cfg.data.dir}/manifest.json {state}: the job would wait for GPUs, then fail. "
+            f"the training data {p.data_dir}/manifest.json {state}: the job would wait for GPUs, then fail. "
             f"Prepare it first ({again}), or add --prepare to submit the preparation and make training wait for "
             "it (--dependency=afterok)")
 
@@ -303,16 +347,16 @@ class JobTask:
         self._proc: subprocess.Popen | None = None
 
     def __call__(self) -> int:
+        logs.setup()  # a process of its own on the node
         env = dict(os.environ, **TRAINER_ENV)
         hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                                capture_output=True, text=True, check=True).stdout.split()
         cmd = self.plan.command(first_host=hosts[0], job_id=os.environ.get("SLURM_JOB_ID", "gpt2"))
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        print(f"[gpt2] node {os.environ.get('SLURM_NODEID')} (requeue {restart}): {shlex.join(cmd)}", flush=True)
+        log.info(f"[gpt2] node {os.environ.get('SLURM_NODEID')} (requeue {restart}): {shlex.join(cmd)}")
         # torchrun and python of this very environment, whatever PATH the job inherited
         program = [sys.executable, "-m", "torch.distributed.run"] if cmd[0] == "torchrun" else [sys.executable]
-        # the preparation in a session of its own, so that checkpoint() can stop it with its workers
-        self._proc = subprocess.Popen([*program, *cmd[1:]], env=env, start_new_session=self.plan.kind == "prepare")
+        self._proc = subprocess.Popen([*program, *cmd[1:]], env=env, start_new_session=self.plan.own_session)
         while self._proc.poll() is None:  # poll, not wait(): the USR2 handler below waits too
             time.sleep(0.5)
         code = self._proc.returncode
@@ -323,20 +367,19 @@ class JobTask:
         return code
 
     def checkpoint(self) -> Any:
-        """Called by submitit on SIGUSR2 (task 0). Training: the trainers got the signal too and are
-        saving a checkpoint; wait until they exit. Preparation: stop it now (it resumes after its last
-        finished shard). Then let submitit requeue the same task."""
+        """Called by submitit on SIGUSR2 (task 0): the plan stops what must be stopped (the trainers got
+        the signal too and are saving a checkpoint), we wait until the task exits, then submitit
+        requeues the same task."""
         import submitit
 
-        if self.plan.kind == "prepare" and self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
+        if self._proc is not None:
+            self.plan.on_preemption(self._proc)
         deadline = time.time() + self.plan.executor_params["signal_delay_s"] - 5
         while self._proc is not None and self._proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         if self._proc is not None and self._proc.returncode == 0:
-            return None  # training finished meanwhile: nothing to requeue
-        print(f"[gpt2] {'preparation stopped' if self.plan.kind == 'prepare' else 'checkpoint saved'} after the "
-              "preemption signal; requeueing", flush=True)
+            return None  # finished meanwhile: nothing to requeue
+        log.info(f"[gpt2] {self.plan.requeue_message()}")
         return submitit.helpers.DelayedSubmission(JobTask(self.plan))
 
 
@@ -370,7 +413,7 @@ def never_starts(job_id: str) -> str | None:
     return reason if state == "PENDING" and reason.startswith(NEVER_STARTS) else None
 
 
-def follow(job, log: Path) -> int:
+def follow(job, log_path: Path) -> int:
     """Print the job's log as it grows until the job ends; return 0 if it completed. A job that can
     never start is cancelled with the reason, instead of being waited for forever."""
     pos = 0
@@ -378,13 +421,13 @@ def follow(job, log: Path) -> int:
         reason = never_starts(job.job_id)
         if reason:
             subprocess.run(["scancel", job.job_id], capture_output=True)
-            print(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
-                  "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
-                  "options); cancelled it", flush=True)
+            log.error(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
+                      "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
+                      "options); cancelled it")
             return 1
         done = job.done(force_check=True)
-        if log.exists():
-            with open(log) as f:
+        if log_path.exists():
+            with open(log_path) as f:
                 f.seek(pos)
                 chunk = f.read()
                 pos = f.tell()
@@ -396,7 +439,7 @@ def follow(job, log: Path) -> int:
                 outcome = "COMPLETED"
             except Exception as err:
                 outcome = f"FAILED ({type(err).__name__}: {str(err).strip().splitlines()[-1:]})"
-            print(f"[gpt2] job {job.job_id} ended: {outcome}")
+            log.info(f"[gpt2] job {job.job_id} ended: {outcome}")
             return 0 if outcome == "COMPLETED" else 1
         time.sleep(2)
 
@@ -404,16 +447,18 @@ def follow(job, log: Path) -> int:
 def submit(opts: Options, dry_run: bool = False, do_follow: bool = False, with_prepare: bool = False,
            prepare_only: bool = False) -> int:
     """Submit the training job, the preparation job, or both (training after the preparation succeeded)."""
+    check_options(opts)
     cpus_per_node = None if dry_run else check_cluster(opts)
-    prep = prepare_plan(opts, cpus_per_node) if (with_prepare or prepare_only) else None
-    train = None if prepare_only else plan(opts, cpus_per_node)
+    cfg = load_trainer_config(opts.config, opts.overrides)  # once per submission
+    prep = prepare_plan(opts, cfg, cpus_per_node) if (with_prepare or prepare_only) else None
+    train = None if prepare_only else plan(opts, cfg, cpus_per_node)
     if train is not None and prep is not None and train.data_dir != prep.data_dir:
         raise LaunchError(f"the preparation would write {prep.data_dir} but training reads {train.data_dir}")
     if dry_run:
         print("\n".join(dry_run_text(p) for p in (prep, train) if p is not None))
         return 0
     if train is not None and prep is None:
-        check_data(train, opts)
+        check_data(train, cfg, opts)
     jobs = []
     for p in (prep, train):
         if p is None:
@@ -422,14 +467,12 @@ def submit(opts: Options, dry_run: bool = False, do_follow: bool = False, with_p
             p.executor_params["additional_parameters"]["dependency"] = f"afterok:{jobs[0][0].job_id}"
         p.folder.mkdir(parents=True, exist_ok=True)
         job = executor_for(p).submit(JobTask(p))
-        log = p.folder / job.job_id / f"{job.job_id}_0_log.out"
-        jobs.append((job, log))
-        what = ("preparation of " + p.data_dir if p.kind == "prepare"
-                else f"training ({p.nodes} node(s) x {p.procs_per_node} process(es))")
+        log_path = p.folder / job.job_id / f"{job.job_id}_0_log.out"
+        jobs.append((job, log_path))
         after = f", after job {jobs[0][0].job_id} succeeds" if len(jobs) == 2 else ""
-        print(f"submitted job {job.job_id}: {what}{after}\n"
-              f"  log:         {log}\n"
-              f"  watch:       squeue -j {job.job_id}; tail -f {log}")
+        print(f"submitted job {job.job_id}: {p.describe()}{after}\n"
+              f"  log:         {log_path}\n"
+              f"  watch:       squeue -j {job.job_id}; tail -f {log_path}")
     last = jobs[-1][0]
     print(f"  data:        {(train or prep).data_dir}")  # type: ignore[union-attr]
     if train is not None:
@@ -437,12 +480,12 @@ def submit(opts: Options, dry_run: bool = False, do_follow: bool = False, with_p
               f"  checkpoints: {train.run_dir / 'checkpoints'}")
     if not do_follow:
         return 0
-    for job, log in jobs:
-        code = follow(job, log)
+    for job, log_path in jobs:
+        code = follow(job, log_path)
         if code != 0:
             if job is not last:
                 subprocess.run(["scancel", last.job_id], capture_output=True)
-                print(f"[gpt2] cancelled the training job {last.job_id}: its preparation failed", flush=True)
+                log.info(f"[gpt2] cancelled the training job {last.job_id}: its preparation failed")
             return code
     return 0
 
@@ -497,6 +540,7 @@ def command_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logs.setup()
     try:
         if argv[:1] == ["--print-torchrun"]:
             return command_main(argv[1:])
@@ -505,9 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             return submit(opts, dry_run=args.dry_run, do_follow=args.follow, prepare_only=True)
         opts, args = parse_args(argv)
         return submit(opts, dry_run=args.dry_run, do_follow=args.follow, with_prepare=args.prepare)
-    except LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Gpt2Error as err:
+        log.error("%s", err)
+        return exit_code(err)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from conftest import tiny_overrides
 
 from gpt2 import distributed
 from gpt2.config import load_config
-from gpt2.prepare import ensure_data
 from gpt2.train import Trainer
 
 # losses of compiled and eager runs agree to this relative tolerance (fp32 on CPU; inductor fuses and
@@ -27,8 +26,7 @@ def fit(tmp, compile: bool, **extra) -> tuple[dict[int, float], list[tuple[int, 
         "train.compile": str(compile).lower(), "eval.val_every": 3, "eval.sample_every": 3, "eval.sample_tokens": 4,
         "checkpoint.every": 3, **extra}))
     dist = distributed.init("cpu")
-    ensure_data(cfg, True)
-    trainer = Trainer(cfg, dist)
+    trainer = Trainer.build(cfg, dist)
     graphs: list[tuple[int, int]] = []
     original = trainer.train_step
 

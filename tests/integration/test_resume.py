@@ -18,7 +18,7 @@ from helpers.runs import popen_train, steps, train
 
 from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointStore, load_state
 from gpt2.config import CheckpointConfig
-from gpt2.runtime import EXIT_PREEMPTED
+from gpt2.errors import EXIT_PREEMPTED
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 24,
           "checkpoint.every": 3}
@@ -155,7 +155,7 @@ def test_s3_outage_during_a_save_is_retried(tmp_path, s3_server, s3_url):
     ckpt.wait()
     assert time.time() - t0 > 2.0
     assert [c.step for c in ckpt.store.complete()] == [1]
-    assert torch.equal(ckpt.store.load(ckpt.store.complete()[0].url)["model"]["w"], model.state["w"])
+    assert torch.equal(ckpt.store.load(ckpt.store.complete()[0].url)[1]["model"]["w"], model.state["w"])
 
 
 def test_checkpoint_cli_list_inspect_export(tmp_path):

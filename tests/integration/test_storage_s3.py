@@ -16,7 +16,7 @@ def test_prepare_into_s3_and_read_back(s3_url, corpus, bpe_dir, prepared, tmp_pa
     prepare(cfg, workers=2, progress=False)
     cfg.eval.val_batches = 2
     cfg.train.seq_len, cfg.train.micro_batch, cfg.train.total_batch_tokens = 64, 2, 64 * 8
-    remote, val = build_loaders(cfg, 0, 1)
+    remote, val = build_loaders(cfg, cfg.train.micro_batch, 0, 1)
     local = TrainLoader(train_shards(prepared, bpe_dir), remote.layout, 0)
     for step in (0, 7, 40):
         assert np.array_equal(remote.rows(step, 1), local.rows(step, 1))

@@ -8,7 +8,15 @@ import pytest
 import torch
 from helpers.parts import Part
 
-from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointError, CheckpointStore, load_state
+from gpt2.checkpoint import (
+    MARKER,
+    STATE_FILE,
+    Checkpointer,
+    CheckpointError,
+    CheckpointStore,
+    find_resume_point,
+    load_state,
+)
 from gpt2.config import CheckpointConfig
 from gpt2.storage import StorageError
 
@@ -33,6 +41,14 @@ def checkpointer(directory, parts, **cfg):
     return Checkpointer(CheckpointConfig(dir=str(directory), **cfg), parts=parts, describe=lambda s: {"config": {}})
 
 
+def resume(ck: Checkpointer) -> str | None:
+    """A start's resume: the one answer to what it loads, then the load into the parts."""
+    point = find_resume_point(ck.cfg, is_writer=True)
+    if point is not None:
+        ck.restore(point)
+    return point.url if point else None
+
+
 def test_async_save_matches_sync_save(tmp_path):
     state = small_state(7)
     a = checkpointer(tmp_path / "a", {"model": Part(state["model"])})
@@ -54,10 +70,10 @@ def test_interval_and_resume_load_every_part(tmp_path):
     assert [c.step for c in ck.store.complete()] == [2]  # only on the interval
     fresh_model, fresh_progress = Part(), Part()
     again = checkpointer(tmp_path, {"model": fresh_model, "progress": fresh_progress})
-    assert again.resume().endswith("step-00000002")
+    assert resume(again).endswith("step-00000002")
     assert fresh_progress.state == {"step": 2}
     assert torch.equal(fresh_model.state["w"], small_state(2)["model"]["w"])
-    assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
+    assert resume(checkpointer(tmp_path, {"model": Part()}, resume="never")) is None
 
 
 def test_a_failed_periodic_save_is_logged_and_a_failed_final_save_is_fatal(tmp_path, caplog, monkeypatch):
@@ -95,7 +111,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, d
     else:
         (tmp_path / "step-00000002" / MARKER).unlink()
     with caplog.at_level(logging.WARNING):
-        url, state = store.newest_loadable()
+        url, _, state = store.newest_loadable()
     assert url.endswith("step-00000001") and state["progress"]["step"] == 1
     if damage == "no-marker":  # an unfinished save: left for the next save's clean-up
         assert (tmp_path / "step-00000002").is_dir() and store.quarantined() == []
@@ -117,12 +133,12 @@ def test_a_corrupt_checkpoint_neither_counts_for_keep_nor_blocks_a_new_save_at_i
     for step in (2, 4):
         store.write(small_state(step), step, {"config": {}})
     damage(tmp_path, 4)
-    url, _ = store.newest_loadable()
+    url, _, _ = store.newest_loadable()
     assert url.endswith("step-00000002")
     for step in (4, 6):  # training goes on from step 2 and saves again
         store.write(small_state(step), step, {"config": {}})
     assert [c.step for c in store.complete()] == [4, 6]
-    assert all(store.load(c.url)["progress"]["step"] == c.step for c in store.complete())
+    assert all(store.load(c.url)[1]["progress"]["step"] == c.step for c in store.complete())
     assert len(store.quarantined()) == 1  # the corrupt one is kept for inspection
 
 
@@ -134,7 +150,7 @@ def test_only_corrupt_checkpoints_stop_the_run_instead_of_starting_over(tmp_path
     for _ in range(2):  # and again on the next start, when they have already been moved aside
         with pytest.raises(CheckpointError, match="checkpoint.resume=never"):
             store.newest_loadable()
-    assert checkpointer(tmp_path, {"model": Part()}, resume="never").resume() is None
+    assert resume(checkpointer(tmp_path, {"model": Part()}, resume="never")) is None
 
 
 def test_a_marker_that_is_not_a_json_object_is_corrupt(tmp_path):
@@ -163,7 +179,7 @@ def test_a_checkpoint_with_code_in_it_is_refused_without_advising_to_run_it(tmp_
 def test_a_checkpoint_of_another_model_shape_says_so(tmp_path):
     checkpointer(tmp_path, {"model": torch.nn.Linear(4, 4)}).save(1, blocking=True)
     with pytest.raises(CheckpointError, match="does not fit this run's model.*another model size"):
-        checkpointer(tmp_path, {"model": torch.nn.Linear(8, 8)}).resume()
+        resume(checkpointer(tmp_path, {"model": torch.nn.Linear(8, 8)}))
 
 
 def test_a_model_with_nan_is_never_saved(tmp_path, caplog):

@@ -101,12 +101,12 @@ def copy_prepared(prepared, tmp_path):
 
 def test_missing_directory(tmp_path, bpe_dir):
     with pytest.raises(DataError, match=r"does not exist; prepare it first"):
-        build_loaders(loader_cfg(tmp_path / "nope", bpe_dir), 0, 1)
+        build_loaders(loader_cfg(tmp_path / "nope", bpe_dir), 4, 0, 1)
 
 
 def test_directory_without_shards(tmp_path, bpe_dir):
     with pytest.raises(DataError, match=r"manifest.json not found \(it holds no shards\)"):
-        build_loaders(loader_cfg(tmp_path, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(tmp_path, bpe_dir), 4, 0, 1)
 
 
 def test_shard_with_wrong_dtype(prepared, tmp_path, bpe_dir):
@@ -114,7 +114,7 @@ def test_shard_with_wrong_dtype(prepared, tmp_path, bpe_dir):
     tokens = np.load(d / "train_000001.npy")
     np.save(d / "train_000001.npy", tokens.astype(np.int32))
     with pytest.raises(DataError, match=r"train_000001.npy is \d+ bytes but .* another dtype"):
-        build_loaders(loader_cfg(d, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(d, bpe_dir), 4, 0, 1)
 
 
 def test_truncated_shard(prepared, tmp_path, bpe_dir):
@@ -122,13 +122,13 @@ def test_truncated_shard(prepared, tmp_path, bpe_dir):
     data = (d / "train_000000.npy").read_bytes()
     (d / "train_000000.npy").write_bytes(data[:1000])
     with pytest.raises(DataError, match=r"train_000000.npy is 1000 bytes .*truncated"):
-        build_loaders(loader_cfg(d, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(d, bpe_dir), 4, 0, 1)
 
 
 def test_manifest_from_another_tokenizer(prepared, bpe_dir):
     cfg = load_config("configs/demo.yaml", [f"data.dir={prepared}", "eval.val_batches=1"])  # bytes tokenizer
     with pytest.raises(DataError, match=r"tokenized with 'gpt2:.*' but the config's tokenizer is 'bytes"):
-        build_loaders(cfg, 0, 1)
+        build_loaders(cfg, cfg.train.micro_batch, 0, 1)
 
 
 def test_shard_smaller_than_one_sequence(tmp_path, bpe_dir):
@@ -143,14 +143,14 @@ def test_shard_smaller_than_one_sequence(tmp_path, bpe_dir):
                  complete=True)
     (d / "manifest.json").write_text(m.to_json())
     with pytest.raises(DataError, match=r"train_000000.npy holds 50 tokens, fewer than one sequence \(129\)"):
-        build_loaders(loader_cfg(d, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(d, bpe_dir), 4, 0, 1)
 
 
 def test_missing_shard_file(prepared, tmp_path, bpe_dir):
     d = copy_prepared(prepared, tmp_path)
     (d / "train_000002.npy").unlink()
     with pytest.raises(DataError, match=r"train_000002.npy listed in the manifest is missing"):
-        build_loaders(loader_cfg(d, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(d, bpe_dir), 4, 0, 1)
 
 
 @pytest.mark.parametrize("manifest,message", [
@@ -161,4 +161,4 @@ def test_missing_shard_file(prepared, tmp_path, bpe_dir):
 def test_a_malformed_manifest_is_a_data_error(tmp_path, bpe_dir, manifest, message):
     (tmp_path / "manifest.json").write_text(manifest)
     with pytest.raises(DataError, match=message):
-        build_loaders(loader_cfg(tmp_path, bpe_dir), 0, 1)
+        build_loaders(loader_cfg(tmp_path, bpe_dir), 4, 0, 1)

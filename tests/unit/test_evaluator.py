@@ -16,10 +16,7 @@ class Recorder:
     """Stands in for the metrics logger."""
 
     def __init__(self):
-        self.lines, self.scalar_tags, self.texts = [], [], []
-
-    def info(self, message):
-        self.lines.append(message)
+        self.scalar_tags, self.texts = [], []
 
     def scalars(self, step, values):
         self.scalar_tags += [(step, tag) for tag in values]
@@ -48,7 +45,7 @@ def evaluator(tmp_path, **overrides):
     return Evaluator(cfg, dist, model, model, FakeVal(), nullcontext(), metrics), metrics
 
 
-def test_each_evaluation_runs_on_its_own_schedule_and_all_after_the_last_step(tmp_path):
+def test_each_evaluation_runs_on_its_own_schedule_and_all_after_the_last_step(tmp_path, caplog):
     ev, metrics = evaluator(tmp_path)
     for step in range(10):
         ev.run_due(step)
@@ -57,13 +54,14 @@ def test_each_evaluation_runs_on_its_own_schedule_and_all_after_the_last_step(tm
     sample_steps = [s for s, tag in metrics.texts if tag == "samples"]
     assert val_steps == [0, 4, 8, 10]
     assert sample_steps == [3, 6, 9, 10]  # never at step 0: an untrained model's samples say nothing
-    warnings = [line for line in metrics.lines if "HellaSwag disabled" in line]
-    assert len(warnings) == 1 and "absent.jsonl" in warnings[0]  # said once, not at every due step
+    warnings = [r for r in caplog.records if "HellaSwag disabled" in r.getMessage()]
+    assert len(warnings) == 1 and "absent.jsonl" in warnings[0].getMessage()  # once, not at every due step
+    assert warnings[0].levelname == "WARNING"
 
 
-def test_zero_disables_an_evaluation(tmp_path):
+def test_zero_disables_an_evaluation(tmp_path, caplog):
     ev, metrics = evaluator(tmp_path, **{"eval.val_every": 0, "eval.sample_every": 0, "eval.hellaswag_every": 0})
     for step in range(5):
         ev.run_due(step)
     ev.run_due(5, last=True)
-    assert metrics.scalar_tags == [] and metrics.texts == [] and metrics.lines == []
+    assert metrics.scalar_tags == [] and metrics.texts == [] and caplog.records == []

@@ -131,5 +131,6 @@ def test_a_training_job_on_broken_data_is_refused(tmp_path):
     (tmp_path / "data" / "manifest.json").write_text("[1, 2]")
     opts = slurm.Options(nodes=1, gpus=0, config="configs/demo.yaml", run_dir=str(tmp_path),
                          overrides=[f"data.dir={tmp_path / 'data'}", "data.auto_prepare=false"])
+    cfg = slurm.load_trainer_config(opts.config, opts.overrides)
     with pytest.raises(LaunchError, match="not a valid shard manifest.*would wait for GPUs, then fail"):
-        slurm.check_data(slurm.plan(opts), opts)
+        slurm.check_data(slurm.plan(opts, cfg), cfg, opts)

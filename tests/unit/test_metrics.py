@@ -28,7 +28,8 @@ def test_mfu_formula_for_the_124m_config():
 
 
 def record(step: int, loss: float = 3.0) -> StepRecord:
-    return StepRecord(step, loss, 1e-3, 0.5, 100.0, 1000.0, None, 42, 1)
+    return StepRecord(step=step, loss=loss, lr=1e-3, grad_norm=0.5, step_time_ms=100.0, tokens_per_sec=1000.0,
+                      mfu=None, batch_hash=42, world_size=1)
 
 
 def test_logger_writes_jsonl_tensorboard_and_the_console_line(tmp_path, capsys):
@@ -53,7 +54,6 @@ def test_logger_writes_jsonl_tensorboard_and_the_console_line(tmp_path, capsys):
 
 def test_logger_off_rank_0_writes_nothing(tmp_path, capsys):
     m = MetricsLogger(str(tmp_path / "tb"), enabled=False, max_steps=4)
-    m.info("hello")
     m.step(record(0))
     m.scalars(0, {"x": 1.0})
     m.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt2.checkpoint import STATE_FILE, CheckpointStore, find_resume_point
 from gpt2.config import ConfigError, load_config
 from gpt2.distributed import Dist
 from gpt2.microbatch import choose_micro_batch, probe
@@ -45,16 +46,30 @@ def cpu(world_size: int = 1) -> Dist:
 
 def test_on_cpu_the_largest_exact_candidate_up_to_the_cap(tmp_path):
     cfg = load_config("configs/gpt2-124m.yaml", [f"checkpoint.dir={tmp_path}", "train.max_micro_batch=16"])
-    mb, why = choose_micro_batch(cfg, cpu(8))
+    mb, why = choose_micro_batch(cfg, cpu(8), None)
     assert mb == 15 and "60 rows each rank reads" in why and "no memory probe on cpu" in why
 
 
 def test_an_unchanged_world_size_reuses_the_checkpoints_choice(tmp_path):
-    from gpt2.checkpoint import CheckpointStore
     from gpt2.config import to_dict
 
     written = load_config("configs/gpt2-124m.yaml", [f"checkpoint.dir={tmp_path}", "train.micro_batch=6"])
     CheckpointStore(str(tmp_path)).write({"progress": {"step": 5}}, 5, {"world_size": 8, "config": to_dict(written)})
     cfg = load_config("configs/gpt2-124m.yaml", [f"checkpoint.dir={tmp_path}"])
-    assert choose_micro_batch(cfg, cpu(8)) == (6, "the checkpoint's, written at the same world size (8)")
-    assert choose_micro_batch(cfg, cpu(16))[0] == 30  # another world size: chosen again
+    resume = find_resume_point(cfg.checkpoint, is_writer=True)
+    assert choose_micro_batch(cfg, cpu(8), resume) == (6, "the checkpoint's, written at the same world size (8)")
+    assert choose_micro_batch(cfg, cpu(16), resume)[0] == 30  # another world size: chosen again
+
+
+def test_the_choice_follows_the_checkpoint_that_is_resumed_not_the_newest_marker(tmp_path):
+    """The newest checkpoint (micro-batch 10) is damaged: the resume falls back to the previous one
+    (micro-batch 6), and so does the micro-batch choice: one answer to "what would a resume load"."""
+    store = CheckpointStore(str(tmp_path), keep=3)
+    store.write({"progress": {"step": 4}}, 4, {"world_size": 8, "micro_batch": 6})
+    store.write({"progress": {"step": 6}}, 6, {"world_size": 8, "micro_batch": 10})
+    with open(tmp_path / "step-00000006" / STATE_FILE, "r+b") as f:
+        f.truncate(10)
+    cfg = load_config("configs/gpt2-124m.yaml", [f"checkpoint.dir={tmp_path}"])
+    resume = find_resume_point(cfg.checkpoint, is_writer=True)
+    assert resume is not None and resume.url.endswith("step-00000004") and resume.state["progress"]["step"] == 4
+    assert choose_micro_batch(cfg, cpu(8), resume) == (6, "the checkpoint's, written at the same world size (8)")

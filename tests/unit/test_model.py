@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt2.config import PRESETS, ModelConfig
+from gpt2.errors import ModelError
 from gpt2.model import GPT, export_hf, generate
 
 transformers = pytest.importorskip("transformers")
@@ -21,7 +22,7 @@ EXPECTED_PARAMS = {
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_parameter_count_of_each_openai_size(name):
     with torch.device("meta"):
-        model = GPT(ModelConfig.from_preset(name))
+        model = GPT(ModelConfig(**PRESETS[name]))
     assert model.num_params() == EXPECTED_PARAMS[name]
 
 
@@ -95,7 +96,7 @@ def test_padded_vocab_is_never_scored(tmp_path):
 
 def test_hub_name_without_network_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="could not download 'gpt2'.*local directory"):
+    with pytest.raises(ModelError, match="could not download 'gpt2'.*local directory"):
         GPT.from_pretrained("gpt2")
     with pytest.raises(ValueError, match="neither a local directory nor a GPT-2 hub name"):
         GPT.from_pretrained("no-such-model-dir")

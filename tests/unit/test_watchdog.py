@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gpt2.runtime import EXIT_HUNG
+from gpt2.errors import EXIT_HUNG
 from gpt2.watchdog import Watchdog
 
 

@@ -1,0 +1,80 @@
+"""The one family of typed errors, and the one table that turns them into exit codes.
+
+Library code raises a `Gpt2Error` subclass whose message names the problem and the fix; only the
+entry points catch it (`except Gpt2Error`), log the message and exit with `exit_code(err)`.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+# The loss went NaN/inf and stayed there (optim.max_skipped_steps): a restart would not help.
+EXIT_DIVERGED = 3
+# Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
+# restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
+EXIT_PREEMPTED = 200
+# No progress for train.hang_timeout_s (gpt2.watchdog): retryable too, the restart resumes.
+EXIT_HUNG = 201
+
+
+class Gpt2Error(Exception):
+    """A problem the user can act on; the message says what is wrong and what to do."""
+
+
+class ConfigError(Gpt2Error, ValueError):
+    """A problem with the user's configuration; the message says what to change."""
+
+
+class StorageError(Gpt2Error, RuntimeError):
+    """A storage operation failed (after retries), or a path cannot be used."""
+
+
+class TokenizerError(Gpt2Error, RuntimeError):
+    """Tokenizer files are missing, wrong, or cannot be fetched."""
+
+
+class DataError(Gpt2Error, RuntimeError):
+    """Prepared data is missing, inconsistent or corrupt, or a source cannot be read."""
+
+
+class CheckpointError(Gpt2Error, RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt, or a save that must succeed failed."""
+
+
+class ModelError(Gpt2Error, ValueError):
+    """Weights or a model directory do not fit GPT-2 (or cannot be loaded)."""
+
+
+class TrainingDiverged(Gpt2Error, RuntimeError):
+    """The gradient norm stayed NaN or infinite: training cannot go on from here."""
+
+
+class HellaSwagUnavailable(Gpt2Error, RuntimeError):
+    """The HellaSwag file is neither given nor downloadable."""
+
+
+class PlotError(Gpt2Error, RuntimeError):
+    """A run directory holds nothing to plot, or matplotlib is missing."""
+
+
+class LaunchError(Gpt2Error, ValueError):
+    """Bad launcher input or an unusable cluster; nothing was submitted."""
+
+
+# The one table: an error's class (or the nearest base listed) gives the process's exit code.
+EXIT_CODES: dict[type[Gpt2Error], int] = {
+    ConfigError: EXIT_CONFIG,
+    LaunchError: EXIT_CONFIG,
+    PlotError: EXIT_CONFIG,
+    TrainingDiverged: EXIT_DIVERGED,
+    Gpt2Error: EXIT_ERROR,
+}
+
+
+def exit_code(err: Gpt2Error) -> int:
+    """The exit code for `err`, by the first of its classes in EXIT_CODES."""
+    for cls in type(err).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_ERROR
