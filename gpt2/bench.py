@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="gpt2-bench-")
     overrides = list(args.overrides) + ["eval.val_every=0", "eval.val_batches=0", "eval.hellaswag_every=0",
                                         "eval.sample_every=0", "checkpoint.resume=never",
-                                        f"logging.dir={tmp.name}/tensorboard"]
+                                        f"checkpoint.dir={tmp.name}/checkpoints", f"logging.dir={tmp.name}/tensorboard"]
     if args.synthetic_data:
         overrides += [f"data.dir={tmp.name}/data", "data.auto_prepare=false"]
     logs.setup()

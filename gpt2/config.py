@@ -105,6 +105,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Fused AdamW kernel where the device supports it.
     fused: bool = True
+    # When a resume finds another schedule (max_steps, warmup_steps, lr, min_lr) than the checkpoint's:
+    # "redraw" follows the new schedule from the resume step (the lr may jump; a warning gives both),
+    # "continue" starts a new cosine decay from the lr the run had at the resume step down to min_lr at
+    # max_steps (no jump; e.g. to train a finished run on to more steps).
+    on_schedule_change: str = "redraw"
     # Updates with a NaN/inf gradient norm are skipped; this many in a row stop the run (exit 3).
     max_skipped_steps: int = 3
 
@@ -137,6 +142,9 @@ class TrainConfig:
     # seconds exits with EXIT_HUNG, so torchrun or the cluster restarts the job from its last
     # checkpoint; also the process-group timeout. 0 disables both (then torch's 30 min default).
     hang_timeout_s: int = 600
+    # Resume with another train.total_batch_tokens than the checkpoint's: the data position then
+    # continues by tokens seen (no row skipped or read twice). Without it such a resume is refused.
+    allow_batch_change: bool = False
     # DDP tuning (issue: performance).
     ddp_bucket_cap_mb: int = 25
     ddp_static_graph: bool = False
@@ -170,6 +178,11 @@ class CheckpointConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Transient storage errors are retried this many times with exponential backoff.
     retries: int = 5
+    # The run's lease (one writer per checkpoint.dir, gpt2/checkpoint/lease.py): renewed every
+    # ttl/4 s; a lease not renewed for this long is stale and another trainer may take it. 0: no lease.
+    lease_ttl_s: int = 60
+    # Take the lease even from a live holder (after making sure the other trainer is gone).
+    take_over: bool = False
 
 
 @dataclass
@@ -213,6 +226,7 @@ _CHOICES = {
     "data.executor": ("thread", "process"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "float32", "bfloat16"),
+    "optim.on_schedule_change": ("redraw", "continue"),
 }
 
 # Inside storage_options every value is treated as a secret except these settings, known to hold
@@ -364,7 +378,7 @@ def validate(config: Config) -> None:
         "eval.val_every": e.val_every, "eval.val_batches": e.val_batches, "eval.hellaswag_every": e.hellaswag_every,
         "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
         "data.workers": d.workers, "data.val_tokens": d.val_tokens, "data.wait_for_data_s": d.wait_for_data_s,
-        "checkpoint.retries": c.retries,
+        "checkpoint.retries": c.retries, "checkpoint.lease_ttl_s": c.lease_ttl_s,
         "launch.max_restarts": config.launch.max_restarts, "launch.max_requeues": config.launch.max_requeues,
         "launch.signal_delay_s": config.launch.signal_delay_s,
     }

@@ -9,6 +9,10 @@ slice of R/world rows, and micro step m the m-th `micro_batch` rows of that slic
 * resuming at step s, at any world size, reads what an uninterrupted run would have read;
 * rows wrap into the next epoch deterministically, optionally in a per-epoch permutation drawn
   from the seed (never from the rank), so all of the above still holds with shuffling.
+
+A run whose global batch changed at a resume (train.allow_batch_change) counts from an origin:
+step s reads rows from rows0 + (s - step0) * R on, where (step0, rows0) is the resume step and the
+rows read before it, so the position continues by tokens seen.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Layout:
     seq_len: int
     total_batch_tokens: int
     world_size: int
+    origin: tuple[int, int] = (0, 0)  # (step, rows read before it) where this batch size began
 
     def __post_init__(self) -> None:
         self.accum_steps  # noqa: B018 -- ConfigError now if the batch cannot be split evenly
@@ -45,13 +50,21 @@ class Layout:
     def accum_steps(self) -> int:
         return grad_accum_steps(self.total_batch_tokens, self.micro_batch, self.seq_len, self.world_size)
 
-    def first_row(self, step: int, micro_step: int, rank: int) -> int:
+    def rows_before(self, step: int) -> int:
+        """Rows of the train stream read by all steps before `step`."""
+        step0, rows0 = self.origin
+        return rows0 + (step - step0) * self.rows_per_step
+
+    def offset_in_step(self, micro_step: int, rank: int) -> int:
+        """Where a rank's micro-batch starts within its step's rows (the same at any world size)."""
         if not 0 <= micro_step < self.accum_steps:
             raise ValueError(f"micro_step {micro_step} out of range 0..{self.accum_steps - 1}")
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} out of range for world size {self.world_size}")
-        per_rank = self.accum_steps * self.micro_batch
-        return step * self.rows_per_step + rank * per_rank + micro_step * self.micro_batch
+        return rank * self.accum_steps * self.micro_batch + micro_step * self.micro_batch
+
+    def first_row(self, step: int, micro_step: int, rank: int) -> int:
+        return self.rows_before(step) + self.offset_in_step(micro_step, rank)
 
 
 class TrainLoader:
@@ -91,7 +104,7 @@ class TrainLoader:
         return to_device(self.rows(step, micro_step), device)
 
     def epoch_of(self, step: int) -> int:
-        return step * self.layout.rows_per_step // self.rows_per_epoch
+        return self.layout.rows_before(step) // self.rows_per_epoch
 
 
 class ReadAhead:
@@ -150,10 +163,11 @@ def to_device(rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tenso
     return x.contiguous(), y.contiguous()
 
 
-def build_loaders(cfg: Config, micro_batch: int, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader | None]:
+def build_loaders(cfg: Config, micro_batch: int, rank: int, world_size: int, origin: tuple[int, int] = (0, 0)
+                  ) -> tuple[TrainLoader, ValLoader | None]:
     """Open and check the data for `cfg` (every problem a DataError before training starts)."""
     t = cfg.train
-    layout = Layout(micro_batch, t.seq_len, t.total_batch_tokens, world_size)
+    layout = Layout(micro_batch, t.seq_len, t.total_batch_tokens, world_size, origin)
     common = dict(tokenizer_fingerprint=tokenizer_class(cfg.tokenizer.name).fingerprint,
                   storage_options=cfg.data.storage_options, cache_dir=cfg.data.cache_dir, min_tokens=t.seq_len + 1)
     train = open_split(cfg.data.dir, "train", **common)  # type: ignore[arg-type]

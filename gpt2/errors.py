@@ -58,6 +58,18 @@ class PlotError(Gpt2Error, RuntimeError):
     """A run directory holds nothing to plot, or matplotlib is missing."""
 
 
+class StatusError(Gpt2Error, RuntimeError):
+    """A run directory holds no record of a run."""
+
+
+class LeaseHeld(Gpt2Error, RuntimeError):
+    """Another trainer holds the run's lease: this start would be a second writer."""
+
+
+class LeaseLost(Gpt2Error, RuntimeError):
+    """This trainer was superseded by another attempt that took the run's lease: it must not write."""
+
+
 class LaunchError(Gpt2Error, ValueError):
     """Bad launcher input or an unusable cluster; nothing was submitted."""
 
@@ -67,6 +79,7 @@ EXIT_CODES: dict[type[Gpt2Error], int] = {
     ConfigError: EXIT_CONFIG,
     LaunchError: EXIT_CONFIG,
     PlotError: EXIT_CONFIG,
+    StatusError: EXIT_CONFIG,
     TrainingDiverged: EXIT_DIVERGED,
     Gpt2Error: EXIT_ERROR,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import torch
 from gpt2 import hellaswag
 from gpt2.config import Config
 from gpt2.data import ValLoader
-from gpt2.distributed import Dist, all_reduce_sum
+from gpt2.distributed import Dist, all_reduce_sum, barrier
 from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT
 from gpt2.sample import sample_texts
 from gpt2.tokenizer import Tokenizer, get_tokenizer
+from gpt2.watchdog import beat, phase
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ def mean_val_loss(model: torch.nn.Module, loader: ValLoader, device: torch.devic
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for k in loader.batch_ids(rank, world_size):
+        beat()
         x, y = loader.batch(k, device)
         with autocast or nullcontext():
             _, loss = model(x, y)
@@ -63,11 +66,15 @@ class Evaluator:
             return bool(every) and (step % every == 0 or last)
 
         if self.val_loader is not None and due(e.val_every):
-            self.val_loss(step)
+            with phase("evaluation: val loss"):
+                self.val_loss(step)
         if due(e.hellaswag_every) and self.hellaswag_path() is not None:
-            self.hellaswag(step)
+            with phase("evaluation: HellaSwag"):
+                self.hellaswag(step)
         if step > 0 and due(e.sample_every):
-            self.samples(step)
+            with phase("evaluation: samples", ceiling=True):  # one generate call, no batches to beat on
+                self.samples(step)
+                barrier()  # the other ranks wait for rank 0's samples here, not in the next step
 
     def val_loss(self, step: int) -> None:
         loss = mean_val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]
@@ -76,10 +83,12 @@ class Evaluator:
         self.metrics.scalars(step, {"val/loss": loss})
 
     def hellaswag(self, step: int) -> None:
+        t0 = time.time()
         r = hellaswag.score(self.raw_model, self.tokenizer, self.hellaswag_path(),  # type: ignore[arg-type]
                             self.dist.device, self.dist.rank, self.dist.world_size, self.e.hellaswag_limit,
                             self.cfg.model.block_size, self.autocast)
-        log.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f}")
+        log.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f} "
+                 f"({time.time() - t0:.1f} s)")
         self.metrics.scalars(step, {"eval/hellaswag_acc_norm": r.acc_norm, "eval/hellaswag_acc": r.acc})
 
     def samples(self, step: int) -> None:

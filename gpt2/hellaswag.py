@@ -22,6 +22,7 @@ from gpt2.distributed import all_reduce_sum
 from gpt2.errors import HellaSwagUnavailable
 from gpt2.shards import default_cache_dir
 from gpt2.tokenizer import Tokenizer
+from gpt2.watchdog import beat
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_VAL_EXAMPLES = 10_042
@@ -125,6 +126,7 @@ def score(
     """acc and acc_norm over the first `limit` examples (all if 0), split across ranks."""
     counts = torch.zeros(3, dtype=torch.long, device=device)
     for i, example in enumerate(iter_examples(path, limit)):
+        beat()  # one example of this rank or the next: progress for the watchdog
         if i % world_size != rank:
             continue
         r = render(example, tokenizer, max_len)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,22 @@ def mfu(tokens_per_sec: float, flops_per_tok: int, peak_flops: float | None, wor
     return tokens_per_sec * flops_per_tok / (peak_flops * world_size)
 
 
+ATTEMPTS_FILE = "attempts.jsonl"
+KILLED = ("killed: the previous attempt left no end record (SIGKILL, out of memory, a lost node, or a hang "
+          "whose watchdog could not report)")
+
+
+def read_attempts(text: str) -> list[dict]:
+    """The records of an attempts.jsonl (a line cut short by a kill is skipped)."""
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 @dataclass(kw_only=True)
 class StepRecord:
     step: int
@@ -91,6 +108,8 @@ class MetricsLogger:
             ensure_directory(log_dir, what="logging.dir")
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
             self.steps_path = Path(log_dir) / "steps.jsonl"
+        self.attempts_path = Path(log_dir) / ATTEMPTS_FILE
+        self.attempt: int | None = None
 
     def step(self, r: StepRecord) -> None:
         """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""
@@ -123,6 +142,39 @@ class MetricsLogger:
             self.writer.file_writer.add_summary(summary)
         self.writer.add_custom_scalars({"loss": {"train and val loss": ["Multiline", ["train/loss", "val/loss"]]}})
         self.scalars(step, {"train/micro_batch": micro_batch, "train/grad_accum": accum})
+
+    def attempt_started(self, step: int, record: dict) -> None:
+        """The attempt ledger (`attempts.jsonl`, and TensorBoard text): a start record, after an end
+        record for the previous attempt if it left none (it was killed)."""
+        if not self.enabled:
+            return
+        previous = read_attempts(self.attempts_path.read_text()) if self.attempts_path.exists() else []
+        starts = [r for r in previous if r.get("event") == "start"]
+        ended = {r.get("attempt") for r in previous if r.get("event") == "end"}
+        if starts and starts[-1]["attempt"] not in ended:
+            last = starts[-1]["attempt"]
+            log.warning(f"attempt {last} of this run (started {starts[-1].get('time_text', '?')}) {KILLED}")
+            self._append({"event": "end", "attempt": last, "time": time.time(), "exit_code": None,
+                          "reason": KILLED, "inferred": True})
+        self.attempt = len(starts) + 1
+        self._append({"event": "start", "attempt": self.attempt, "time": time.time(),
+                      "time_text": time.strftime("%Y-%m-%d %H:%M:%S"), **record})
+        self.text("attempts", f"attempt {self.attempt} started: {json.dumps(record)}", step)
+
+    def attempt_ended(self, step: int, exit_code: int, reason: str) -> None:
+        """How this attempt ended: its exit code and why."""
+        if not self.enabled or self.attempt is None:
+            return
+        self._append({"event": "end", "attempt": self.attempt, "time": time.time(), "step": step,
+                      "exit_code": exit_code, "reason": reason})
+        self.text("attempts", f"attempt {self.attempt} ended at step {step}: exit {exit_code}, {reason}", step)
+        if self.writer is not None:
+            self.writer.flush()
+        self.attempt = None
+
+    def _append(self, record: dict) -> None:
+        with open(self.attempts_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:

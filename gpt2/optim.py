@@ -31,8 +31,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
     )
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+def lr_at(step: int, cfg: OptimConfig, max_steps: int, phase: tuple[int, float] | None = None) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`.
+
+    `phase` (start step, start lr): from that step on, a cosine decay from the start lr to `min_lr`
+    at `max_steps` instead (optim.on_schedule_change=continue: a resume with a longer run, no jump).
+    """
+    if phase is not None and step >= phase[0]:
+        start, start_lr = phase
+        if step >= max_steps:
+            return cfg.min_lr
+        progress = (step - start) / max(1, max_steps - start)
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (start_lr - cfg.min_lr)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if step >= max_steps:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ from gpt2.shards import (
 )
 from gpt2.storage import ensure_directory, filesystem, is_local, join, with_retries, write_bytes
 from gpt2.tokenizer import Tokenizer, get_tokenizer
+from gpt2.watchdog import beat, phase
 
 log = logging.getLogger("gpt2.prepare")  # also when run as __main__
 
@@ -346,6 +348,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
                 flush(first_doc + done, pos - (int(ends[done - 1]) if done else 0))
         first_doc += lengths.size
         summary.documents += lengths.size
+        beat()
         meter.update(summary.tokens, len(manifest.shards))
     doc_index = first_doc
     if not any(s["split"] == "train" for s in manifest.shards) and fill == 0:
@@ -367,17 +370,24 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
 
 
 def ensure_data(cfg: Config, is_main: bool) -> None:
-    """With data.auto_prepare, rank 0 prepares missing shards (the caller then waits at a barrier);
-    with data.wait_for_data_s, every rank waits for another job to prepare them."""
-    if cfg.data.wait_for_data_s and not cfg.data.auto_prepare:
-        wait_for_manifest(cfg.data.dir, cfg.data.storage_options, cfg.data.wait_for_data_s)
+    """With data.auto_prepare, rank 0 prepares missing shards while the other ranks wait for its
+    manifest (polling, so that the watchdog sees them wait); with data.wait_for_data_s, every rank
+    waits for another job to prepare them. The caller then meets the other ranks at a barrier."""
+    d = cfg.data
+    if d.wait_for_data_s and not d.auto_prepare:
+        with phase("waiting for data"):
+            wait_for_manifest(d.dir, d.storage_options, d.wait_for_data_s)
         return
-    if not (cfg.data.auto_prepare and is_main):
+    if not d.auto_prepare:
         return
-    manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
-    if manifest is None or not manifest.complete:
-        log.info(f"preparing {cfg.data.source} into {cfg.data.dir} (data.auto_prepare=true)")
-        log.info(str(prepare(cfg, progress=False)))
+    with phase("preparing data"):
+        if not is_main:
+            wait_for_manifest(d.dir, d.storage_options, timeout_s=math.inf, poll_s=1.0, quiet=True)
+            return
+        manifest = read_manifest(d.dir, d.storage_options)
+        if manifest is None or not manifest.complete:
+            log.info(f"preparing {d.source} into {d.dir} (data.auto_prepare=true)")
+            log.info(str(prepare(cfg, progress=False)))
 
 
 def _skip(docs: Iterator[str], n: int) -> Iterator[str]:

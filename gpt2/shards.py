@@ -27,6 +27,7 @@ import numpy as np
 
 from gpt2.errors import DataError
 from gpt2.storage import filesystem, is_local, join, with_retries, write_bytes
+from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,13 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
 
 
 def wait_for_manifest(url: str, storage_options: dict[str, Any] | None, timeout_s: float,
-                      poll_s: float = 10.0) -> None:
-    """Wait until `url` holds a complete manifest, saying what it waits for (every minute);
-    DataError when `timeout_s` passes first."""
+                      poll_s: float = 10.0, quiet: bool = False) -> None:
+    """Wait until `url` holds a complete manifest, saying what it waits for (every minute, unless
+    `quiet`); DataError when `timeout_s` passes first."""
     start = time.monotonic()
     said = -math.inf
     while True:
+        beat()  # waiting is progress: the watchdog leaves it alone
         manifest = read_manifest(url, storage_options)
         if manifest is not None and manifest.complete:
             return
@@ -122,7 +124,7 @@ def wait_for_manifest(url: str, storage_options: dict[str, Any] | None, timeout_
                 f"{url}/{MANIFEST} is still {state} after waiting {waited:.0f} s (data.wait_for_data_s="
                 f"{timeout_s:g}); prepare the data (python -m gpt2.prepare CONFIG data.dir={url}, "
                 "python launch/slurm.py prepare, or the gpt2-prepare Job on Kubernetes) or wait longer")
-        if waited - said >= 60:
+        if waited - said >= 60 and not quiet:
             log.info(f"waiting for data: {url}/{MANIFEST} is {state}; waiting up to {timeout_s - waited:.0f} s more "
                 "(data.wait_for_data_s)")
             said = waited

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,18 +22,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import distributed, logs
 from gpt2.checkpoint import Checkpointer, ResumePoint, find_resume_point
-from gpt2.config import Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
+from gpt2.checkpoint.lease import Lease
+from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
-from gpt2.errors import EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, exit_code
+from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, exit_code
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
 from gpt2.prepare import ensure_data
+from gpt2.recipe import Continuation, continuation, data_identity, recipe_of
 from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, resolve_dtype, set_tf32
+from gpt2.shards import read_manifest
+from gpt2.storage import ensure_directory
 from gpt2.tokenizer import tokenizer_class
-from gpt2.watchdog import Watchdog
+from gpt2.watchdog import Watchdog, phase
 
 log = logging.getLogger("gpt2.train")  # also when run as __main__
 
@@ -70,39 +75,62 @@ class StepOutput:
     data_seconds: float  # host time spent reading and copying batches
 
 
+@dataclass
+class StartUp:
+    """What the start-up decided, for the Trainer to build on."""
+
+    micro_batch: int
+    resume: ResumePoint | None = None
+    lease: Lease | None = None  # rank 0's hold on the run
+    data: str | None = None  # identity of the train stream (gpt2.recipe.data_identity)
+    continuation: Continuation = field(default_factory=Continuation)
+    notes: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+
 class Trainer:
     """Builds the parts of a run (data, model, optimizer, checkpointer, evaluator, metrics) and trains.
 
-    `Trainer.build(cfg, dist)` is the one start-up of a run (train, bench): it answers what the
-    run resumes from, chooses the micro-batch, checks the batch split and gets the data ready.
+    `Trainer.build(cfg, dist)` is the one start-up of a run (train, bench): the lease, what the run
+    resumes from, the micro-batch, the batch split, the data, and the recipe check.
     """
 
     @classmethod
-    def build(cls, cfg: Config, dist: distributed.Dist) -> Trainer:
+    def build(cls, cfg: Config, dist: distributed.Dist, watchdog: Watchdog | None = None) -> Trainer:
         """Everything between a parsed config and the first step."""
         n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
         if n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but model.vocab_size is "
                               f"{cfg.model.vocab_size}")
-        resume = find_resume_point(cfg.checkpoint, dist.is_main)
-        notes = []
-        micro_batch = cfg.train.micro_batch
-        if micro_batch == "auto":
-            micro_batch, why = choose_micro_batch(cfg, dist, resume)
-            notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
-        t = cfg.train  # a batch that cannot be split fails before any work
-        grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
-        ensure_data(cfg, dist.is_main)
-        distributed.barrier()
-        return cls(cfg, dist, micro_batch, resume, notes)
+        start = StartUp(micro_batch=0, lease=take_lease(cfg.checkpoint) if dist.is_main else None)
+        try:
+            start.resume = find_resume_point(cfg.checkpoint, dist.is_main)
+            start.micro_batch = cfg.train.micro_batch
+            if start.micro_batch == "auto":
+                start.micro_batch, why = choose_micro_batch(cfg, dist, start.resume)
+                start.notes.append(f"train.micro_batch=auto chose {start.micro_batch}: {why}")
+            t = cfg.train  # a batch that cannot be split fails before any work
+            grad_accum_steps(t.total_batch_tokens, start.micro_batch, t.seq_len, dist.world_size)
+            ensure_data(cfg, dist.is_main)
+            distributed.barrier()
+            start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+            start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
+            start.hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))  # type: ignore[arg-type]
+            return cls(cfg, dist, start, watchdog)
+        except BaseException:
+            if start.lease is not None:
+                start.lease.release()
+            raise
 
-    def __init__(self, cfg: Config, dist: distributed.Dist, micro_batch: int, resume: ResumePoint | None = None,
-                 notes: list[str] | None = None):
-        self.cfg, self.dist, self.device, self.micro_batch = cfg, dist, dist.device, micro_batch
+    def __init__(self, cfg: Config, dist: distributed.Dist, start: StartUp, watchdog: Watchdog | None = None):
+        self.cfg, self.dist, self.device, self.micro_batch = cfg, dist, dist.device, start.micro_batch
+        self.start, self.lr_phase, self.lease = start, start.continuation.lr_phase, start.lease
+        self.watchdog = watchdog or Watchdog(0)  # bench: none
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.autocast = autocast_for(self.device, self.dtype)
         set_tf32(self.device, cfg.train.tf32)
-        self.train_loader, self.val_loader = build_loaders(cfg, micro_batch, dist.rank, dist.world_size)
+        self.train_loader, self.val_loader = build_loaders(cfg, self.micro_batch, dist.rank, dist.world_size,
+                                                           start.continuation.origin)
         self.accum = self.train_loader.layout.accum_steps
         self.read_ahead = ReadAhead(self.train_loader)
 
@@ -120,41 +148,53 @@ class Trainer:
 
         self.progress = Progress()
         self.checkpointer = Checkpointer(
-            cfg.checkpoint, is_writer=dist.is_main, describe=self.describe,
+            cfg.checkpoint, is_writer=dist.is_main, describe=self.describe, lease=self.lease,
             parts={"model": self.raw_model, "optimizer": self.optimizer, "progress": self.progress, "rng": RNGState()})
-        if resume is not None:
-            self.checkpointer.restore(resume)
+        if start.resume is not None:
+            self.checkpointer.restore(start.resume)
+        # a resume drops the events a failed attempt logged after its checkpoint; a finished run keeps all
+        purge = self.progress.step if self.progress.step < cfg.train.max_steps else None
         self.metrics = MetricsLogger(cfg.logging.dir, dist.is_main, cfg.train.max_steps, cfg.train.log_every,
-                                     purge_step=self.progress.step)
+                                     purge_step=purge)
         self.evaluator = Evaluator(cfg, dist, self.model, self.raw_model, self.val_loader, self.autocast,
                                    self.metrics)
         self.preemption = PreemptionFlag()
         n_params = self.raw_model.num_params()
         self.flops_per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.train.seq_len)
         self.peak_flops, self.device_name = device_peak_flops(self.device, self.dtype)
-        self.announce(n_params, resume, notes or [])
+        self.announce(n_params)
 
-    def announce(self, n_params: int, resume: ResumePoint | None, notes: list[str]) -> None:
-        """Say what this run is: on the console, and once per start in TensorBoard."""
-        cfg, dist = self.cfg, self.dist
+    def announce(self, n_params: int) -> None:
+        """Say what this run is: on the console, in the attempt ledger, and once per start in TensorBoard."""
+        cfg, dist, start = self.cfg, self.dist, self.start
         log.info(f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token (6N + 6*L*C*T); "
                  f"world size {dist.world_size}, {self.accum} micro-steps of {self.micro_batch} x "
                  f"{cfg.train.seq_len} per rank = {cfg.train.total_batch_tokens:,} tokens/step; device "
                  f"{self.device_name} ({self.dtype}); "
                  + (f"peak {self.peak_flops / 1e12:.0f} TFLOP/s" if self.peak_flops
                     else "MFU unknown (no known peak FLOP/s for this device)"))
-        log.info(f"resumed from {resume.url} at step {self.progress.step}" if resume
+        log.info(f"resumed from {start.resume.url} at step {self.progress.step}" if start.resume
                  else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
-        for note in notes:
+        for note in start.notes:
             log.info(note)
+        for warning in start.continuation.warnings:
+            log.warning(warning)
         m, o, t = cfg.model, cfg.optim, cfg.train
+        self.metrics.attempt_started(self.progress.step, {
+            "hosts": start.hosts, "world_size": dist.world_size, "job_id": self.lease.owner.job_id if self.lease
+            else None, "pid": os.getpid(), "micro_batch": self.micro_batch, "resumed_from_step": self.progress.step
+            if start.resume else None, "checkpoint": start.resume.url if start.resume else None,
+            "checkpoint_dir": cfg.checkpoint.dir if "://" in cfg.checkpoint.dir
+            else os.path.abspath(cfg.checkpoint.dir),
+            "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens})
         self.metrics.start(self.progress.step, {
             "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
             "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,
             "total_batch_tokens": t.total_batch_tokens, "seq_len": t.seq_len, "micro_batch": self.micro_batch,
             "world_size": dist.world_size, "compile": t.compile}, self.micro_batch, self.accum)
         self.metrics.text("config", "```\n" + to_yaml(cfg, redact=True) + "\n```"
-                          + "".join(f"\n\n{note}" for note in notes), self.progress.step)
+                          + "".join(f"\n\n{note}" for note in start.notes + start.continuation.warnings),
+                          self.progress.step)
 
     def describe(self, step: int) -> dict[str, Any]:
         """What a checkpoint's commit marker says about it (`gpt2.checkpoint inspect` shows it)."""
@@ -163,49 +203,66 @@ class Trainer:
             "world_size": self.dist.world_size,
             "micro_batch": self.micro_batch,
             "data_position": {"next_step": step, "rows_per_step": self.train_loader.layout.rows_per_step,
+                              "rows_before": self.train_loader.layout.rows_before(step),
+                              "origin": list(self.train_loader.layout.origin),
                               "epoch": self.train_loader.epoch_of(step)},
+            "recipe": recipe_of(self.cfg, self.start.data, self.lr_phase),
             "sample_seed": self.cfg.train.seed,
             "config": to_dict(self.cfg, redact=True),
         }
 
     def fit(self) -> int:
         """Train from the resumed step to train.max_steps, or to a stop; returns the exit code."""
-        cfg, max_steps = self.cfg, self.cfg.train.max_steps
+        cfg, max_steps, watchdog = self.cfg, self.cfg.train.max_steps, self.watchdog
         if self.progress.step >= max_steps:
-            log.info(f"training already complete ({self.progress.step}/{max_steps} steps)")
+            self.stop_reason = f"training already complete ({self.progress.step}/{max_steps} steps)"
+            log.info(self.stop_reason)
             return EXIT_OK
         first = self.progress.step
         if cfg.train.compile:
-            self.warm_up()
-        watchdog = Watchdog(cfg.train.hang_timeout_s,
-                            where=lambda: f"rank {self.dist.rank}, step {self.progress.step}")
-        with self.preemption, watchdog:
+            with watchdog.phase("compiling the training step", ceiling=True):
+                self.warm_up()
+        watchdog.steps()
+        with self.preemption:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)
-                watchdog.beat()
                 t0 = time.time()
                 out = self.train_step(step)
                 loss, preempted, batch_hash = self.reduce(out.loss_sum, out.batch_hash)  # syncs: time after it
                 dt = time.time() - t0
                 self.progress.step = done = step + 1
-                watchdog.beat()
-                self.metrics.step(self.record(step, loss, out, batch_hash, dt, warmup=step - first < WARMUP))
+                warmup = step - first < WARMUP
+                watchdog.step_done(dt, timed=not warmup)
+                self.checkpointer.check_lease()  # a superseded writer stops before writing anything
+                self.metrics.step(self.record(step, loss, out, batch_hash, dt, warmup))
                 if done == max_steps:
                     self.evaluator.run_due(done, last=True)
                     self.checkpointer.save_final(done, "final")
                 elif preempted:
                     self.checkpointer.save_final(done, "preemption")
-                    log.info(f"preempted: checkpoint saved at step {done}; exiting with {EXIT_PREEMPTED}")
+                    self.stop_reason = f"preempted: checkpoint saved at step {done}"
+                    log.info(f"{self.stop_reason}; exiting with {EXIT_PREEMPTED}")
                     return EXIT_PREEMPTED
                 elif done == cfg.train.stop_at_step:
                     self.checkpointer.save_final(done, "stop_at_step")
-                    log.info(f"stopping at step {done} (train.stop_at_step); checkpoint saved")
+                    self.stop_reason = f"stopped at step {done} (train.stop_at_step)"
+                    log.info(f"{self.stop_reason}; checkpoint saved")
                     return EXIT_OK
                 elif not self.guard.skipped:  # no periodic save while updates are being skipped
                     self.checkpointer.step_end(done)
+        self.stop_reason = f"finished: {max_steps} steps"
         log.info(f"training complete: {max_steps} steps; checkpoints in {cfg.checkpoint.dir}, "
                  f"TensorBoard: tensorboard --logdir {cfg.logging.dir}")
         return EXIT_OK
+
+    def record_end(self, code: int, reason: str) -> None:
+        """The end of this attempt in the ledger, unless another attempt took the run over."""
+        if self.lease is not None:
+            try:
+                self.lease.verify()
+            except Gpt2Error:
+                return  # superseded (or the lease cannot be read): not ours to write
+        self.metrics.attempt_ended(self.progress.step, code, reason)
 
     def warm_up(self) -> None:
         """Compile the training step before the first collective: a forward and backward of a batch of
@@ -227,7 +284,7 @@ class Trainer:
         tokens_per_sec = self.cfg.train.total_batch_tokens / dt
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         return StepRecord(
-            step=step, loss=loss, lr=lr_at(step, self.cfg.optim, self.cfg.train.max_steps),
+            step=step, loss=loss, lr=lr_at(step, self.cfg.optim, self.cfg.train.max_steps, self.lr_phase),
             grad_norm=float(out.grad_norm), step_time_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
             mfu=mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.dist.world_size),
             batch_hash=batch_hash, world_size=self.dist.world_size, data_share=out.data_seconds / dt,
@@ -235,7 +292,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepOutput:
         """One optimizer step over this rank's micro-batches."""
-        lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps)
+        lr = lr_at(step, self.cfg.optim, self.cfg.train.max_steps, self.lr_phase)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,7 +302,7 @@ class Trainer:
         for micro in range(self.accum):
             t0 = time.perf_counter()
             rows = self.read_ahead.rows(step, micro)
-            batch_hash += row_hash(rows, self.train_loader.layout.first_row(0, micro, self.dist.rank))
+            batch_hash += row_hash(rows, self.train_loader.layout.offset_in_step(micro, self.dist.rank))
             x, y = to_device(rows, self.device)  # pinned + non-blocking on CUDA
             data_seconds += time.perf_counter() - t0
             # gradients are all-reduced only on the last micro-step (forward and backward both)
@@ -274,6 +331,17 @@ class Trainer:
         self.read_ahead.close()
         self.checkpointer.close()
         self.metrics.close()
+        if self.lease is not None:
+            self.lease.release()
+
+
+def take_lease(cfg: CheckpointConfig) -> Lease | None:
+    """Rank 0's lease on the run (None with checkpoint.lease_ttl_s=0); LeaseHeld if another trainer has it."""
+    if not cfg.lease_ttl_s:
+        return None
+    ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
+    with phase("taking the run's lease", ceiling=True):
+        return Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries).acquire(cfg.take_over)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,36 +352,49 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(cfg: Config) -> int:
     """Train per `cfg`; returns the process exit code (errors become messages here)."""
-    trainer = None
+    trainer: Trainer | None = None
     dist = None
-    code = EXIT_ERROR
+    code, reason = EXIT_ERROR, "failed"
+
+    def hung(phase_name: str) -> None:  # the watchdog's last act before it exits the process
+        if trainer is not None:
+            trainer.record_end(EXIT_HUNG, f"hung in phase '{phase_name}'")
+
+    watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, where=lambda: (
+        f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else '?'}"))
     try:
-        # collectives time out after twice the watchdog's limit: the watchdog, with its clearer message,
-        # acts first in the loop; the timeout covers the collectives before it (resume, data barrier)
-        dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
-        logs.setup(dist.rank)
-        trainer = Trainer.build(cfg, dist)
-        code = trainer.fit()
+        with watchdog:
+            # collectives time out after twice the watchdog's ceiling: the watchdog, with its clearer
+            # message, acts first
+            dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
+            logs.setup(dist.rank)
+            trainer = Trainer.build(cfg, dist, watchdog)
+            code = trainer.fit()
+            reason = trainer.stop_reason
     except Gpt2Error as err:
         log.error("%s", err)
-        code = exit_code(err)
-    except Exception:
+        code, reason = exit_code(err), f"{type(err).__name__}: {err}"
+    except Exception as err:
+        reason = f"crashed: {type(err).__name__}: {err}"
         if dist is not None and dist.world_size > 1:
             # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
             # any further collective or DDP destructor could hang, so leave without tearing down.
             traceback.print_exc()
+            if trainer is not None:
+                trainer.record_end(code, reason)
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(EXIT_ERROR)
         raise
     finally:
         if trainer is not None:
+            trainer.record_end(code, reason)
             trainer.close()
-        del trainer
+        trainer = None  # the DDP module goes before the process group
         if code in (EXIT_OK, EXIT_PREEMPTED):
             distributed.teardown()
         else:
             distributed.abort()
-    if code == EXIT_OK and dist.is_main:
+    if code == EXIT_OK and dist is not None and dist.is_main:
         log.info(f"outputs: checkpoints {cfg.checkpoint.dir} | TensorBoard {cfg.logging.dir} "
                  f"(tensorboard --logdir {cfg.logging.dir}) | steps {os.path.join(cfg.logging.dir, 'steps.jsonl')}")
     return code

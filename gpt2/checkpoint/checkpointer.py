@@ -12,10 +12,12 @@ from typing import Any, Protocol
 import torch
 
 from gpt2 import distributed
+from gpt2.checkpoint.lease import Lease
 from gpt2.checkpoint.store import CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
-from gpt2.errors import CheckpointError
+from gpt2.errors import CheckpointError, LeaseLost
 from gpt2.storage import ensure_directory
+from gpt2.watchdog import phase
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,9 @@ def find_resume_point(cfg: CheckpointConfig, is_writer: bool) -> ResumePoint | N
     """What a resume would load, per `checkpoint.resume`: the one answer, used by every start-up step
     that depends on it (the micro-batch choice) and by the resume itself. The writer picks (newest
     loadable, moving corrupt ones aside) and tells the other ranks; None: start from scratch."""
-    point = _pick(cfg) if is_writer else None
-    shared = distributed.broadcast_object((point.url, point.meta) if point else None)
+    with phase("checkpoint load", ceiling=True):
+        point = _pick(cfg) if is_writer else None
+        shared = distributed.broadcast_object((point.url, point.meta) if point else None)
     if shared is None:
         return None
     return point or ResumePoint(*shared)  # type: ignore[misc]
@@ -87,8 +90,8 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: CheckpointConfig, parts: dict[str, Stateful],
-                 describe: Callable[[int], dict[str, Any]], is_writer: bool = True):
-        self.cfg, self.parts, self.describe, self.is_writer = cfg, parts, describe, is_writer
+                 describe: Callable[[int], dict[str, Any]], is_writer: bool = True, lease: Lease | None = None):
+        self.cfg, self.parts, self.describe, self.is_writer, self.lease = cfg, parts, describe, is_writer, lease
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
         if is_writer:
             ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
@@ -97,7 +100,8 @@ class Checkpointer:
 
     def restore(self, point: ResumePoint) -> None:
         """Load the checkpoint at `point` (`find_resume_point`) into the parts, on every rank."""
-        state = point.state if point.state is not None else self.store.load(point.url)[1]
+        with phase("checkpoint load", ceiling=True):
+            state = point.state if point.state is not None else self.store.load(point.url)[1]
         for name, part in self.parts.items():
             try:
                 part.load_state_dict(state[name])
@@ -110,15 +114,25 @@ class Checkpointer:
                 ) from None
         point.state = None  # the parts hold it now
 
+    def check_lease(self) -> None:
+        """Per step: LeaseLost once another attempt took the run over (no storage access unless this
+        process was frozen; see gpt2.checkpoint.lease)."""
+        if self.lease is not None:
+            self.lease.check()
+
     def step_end(self, step: int) -> None:
-        """Save on the interval; a failed periodic save does not stop training."""
+        """Save on the interval; a failed periodic save does not stop training (a superseded writer does)."""
         if step % self.cfg.every:
             return
-        for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
-            try:
-                attempt()
-            except Exception as err:
-                log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)
+        with phase("checkpoint save", ceiling=True):
+            for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
+                try:
+                    attempt()
+                except LeaseLost:
+                    raise
+                except Exception as err:
+                    log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)
+            distributed.barrier()  # the other ranks wait here, in this phase, not in the next step's collective
 
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails."""
@@ -126,10 +140,15 @@ class Checkpointer:
             self.wait()
         except Exception as err:  # this save supersedes the failed one
             log.error("CHECKPOINT SAVE FAILED: %s", err)
-        try:
-            self.save(step, blocking=True)
-        except Exception as err:
-            raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
+        with phase("checkpoint save", ceiling=True):
+            try:
+                self.save(step, blocking=True)
+            except LeaseLost:
+                raise
+            except Exception as err:
+                raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
+            finally:
+                distributed.barrier()
 
     def save(self, step: int, blocking: bool) -> None:
         """Save the parts as step `step` (rank 0 only). Non-blocking saves copy to host memory, then
@@ -137,6 +156,8 @@ class Checkpointer:
         if not self.is_writer:
             return
         self.wait()
+        if self.lease is not None:
+            self.lease.verify()  # fencing: a superseded writer must not write
         state = {name: part.state_dict() for name, part in self.parts.items()}
         bad = non_finite(state)
         if bad:
@@ -144,6 +165,8 @@ class Checkpointer:
                                   "hold NaN or infinite values (a checkpoint must never carry a diverged model)")
         state = to_cpu(state)
         meta = self.describe(step)
+        if self.lease is not None:
+            meta["writer"] = self.lease.describe()
         if blocking:
             self.store.write(state, step, meta)
             return

@@ -15,10 +15,10 @@ from conftest import REPO
 LAYERS: list[set[str]] = [
     {"errors", "logs", "config", "storage", "tokenizer", "distributed", "runtime", "watchdog"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
-    {"data", "checkpoint", "prepare"},
+    {"data", "checkpoint", "prepare", "recipe"},
     {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate"},
-    {"bench", "plot", "launch"},
+    {"bench", "plot", "status", "launch"},
 ]
 LAUNCHER_ONLY = {"submitit": "launch.slurm", "kubernetes": "launch.k8s"}
 

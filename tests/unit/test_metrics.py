@@ -64,3 +64,21 @@ def test_a_logging_dir_under_a_file_is_named(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="logging.dir .* cannot be created"):
         MetricsLogger(str(tmp_path / "file" / "tb"), enabled=True, max_steps=1)
+
+
+def test_the_attempt_ledger_records_starts_and_ends_and_says_when_an_attempt_was_killed(tmp_path, caplog):
+    from gpt2.metrics import KILLED, read_attempts
+
+    first = MetricsLogger(str(tmp_path), enabled=True, max_steps=4)
+    first.attempt_started(0, {"world_size": 2, "hosts": ["a", "b"]})
+    first.close()  # ... and then it was SIGKILLed: no end record
+    second = MetricsLogger(str(tmp_path), enabled=True, max_steps=4)
+    second.attempt_started(3, {"world_size": 1, "resumed_from_step": 3})
+    second.attempt_ended(4, 0, "finished: 4 steps")
+    second.close()
+    records = read_attempts((tmp_path / "attempts.jsonl").read_text())
+    assert [(r["event"], r["attempt"]) for r in records] == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+    assert records[1]["reason"] == KILLED and records[1]["inferred"] and records[1]["exit_code"] is None
+    assert records[2]["resumed_from_step"] == 3 and records[3]["exit_code"] == 0
+    assert "attempt 1 of this run" in caplog.text and "left no end record" in caplog.text
+    assert not MetricsLogger(str(tmp_path / "off"), enabled=False, max_steps=4).attempt_started(0, {})

@@ -1,29 +1,77 @@
-"""The watchdog ends a process that stops making progress, and leaves a busy one alone."""
+"""The watchdog: a frozen step is found within the step-based limit, a long phase that makes
+progress is left alone, and a phase that cannot beat gets the ceiling."""
 
 from __future__ import annotations
 
 import time
 
+from gpt2 import watchdog
 from gpt2.errors import EXIT_HUNG
 from gpt2.watchdog import Watchdog
 
+# the shipped mechanism at a smaller scale: floor 0.4 s, 20 x the slowest recent step, ceiling 3 s
+SMALL = dict(floor_s=0.4, factor=20)
 
-def test_no_beat_for_the_timeout_exits_with_the_hang_code_and_says_where(capsys):
-    codes = []
-    with Watchdog(0.3, where=lambda: "rank 1, step 7", exit=codes.append):
-        time.sleep(1.5)
-    assert codes == [EXIT_HUNG]
+
+def timed_steps(dog: Watchdog, n: int = 3, seconds: float = 0.01) -> None:
+    dog.steps()
+    for _ in range(n):
+        dog.step_done(seconds)
+
+
+def test_a_frozen_step_is_found_at_the_step_based_limit_and_the_message_names_the_phase(capsys):
+    codes, hangs = [], []
+    with Watchdog(3.0, where=lambda: "rank 1, step 7", on_hang=hangs.append, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        assert dog.limit_s == 0.4  # 20 x 0.01 s is below the floor
+        t0 = time.monotonic()
+        while not codes and time.monotonic() - t0 < 3:
+            time.sleep(0.05)
+    assert codes == [EXIT_HUNG] and 0.4 <= time.monotonic() - t0 < 2.0  # well before the 3 s ceiling
+    assert hangs == ["training step"]
     err = capsys.readouterr().err
-    assert "no progress for" in err and "rank 1, step 7" in err and "train.hang_timeout_s=0.3" in err
-    assert "Thread" in err  # the stacks of every thread, to see where it hung
+    assert "no progress for" in err and "phase 'training step'" in err and "rank 1, step 7" in err
+    assert "20 x the slowest of the last 3 steps" in err and "Thread" in err  # the stacks of every thread
 
 
-def test_regular_beats_keep_it_quiet_and_zero_disables_it():
+def test_a_phase_many_times_longer_than_the_limit_is_fine_while_it_beats():
     codes = []
-    with Watchdog(0.5, where=lambda: "", exit=codes.append) as dog:
+    with Watchdog(3.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        with watchdog.phase("evaluation: HellaSwag"):  # 4 s: 10 x the step-based limit, 1.3 x the ceiling
+            for _ in range(40):
+                time.sleep(0.1)
+                watchdog.beat()
+        assert dog.phase_name == "training step"
+    assert codes == []
+
+
+def test_a_phase_that_cannot_beat_gets_the_ceiling_and_so_do_the_first_steps():
+    codes = []
+    with Watchdog(3.0, exit=codes.append, **SMALL) as dog:
+        assert dog.limit_s == 3.0  # start-up
+        dog.steps()
+        dog.step_done(0.01)
+        assert dog.limit_s == 3.0  # fewer than MIN_TIMED steps after a start
+        timed_steps(dog)
+        with watchdog.phase("checkpoint save", ceiling=True):
+            assert dog.limit_s == 3.0
+            time.sleep(1.0)  # 2.5 x the step-based limit, without a beat
+        dog.step_done(0.01)
+        assert dog.limit_s == 0.4
+    assert codes == []
+
+
+def test_regular_steps_keep_it_quiet_zero_disables_it_and_no_watchdog_means_no_op():
+    codes = []
+    with Watchdog(3.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
         for _ in range(15):
             time.sleep(0.1)
-            dog.beat()
-    with Watchdog(0, where=lambda: "", exit=codes.append):
+            dog.step_done(0.1)
+    with Watchdog(0, exit=codes.append):
         time.sleep(0.3)
+    watchdog.beat()
+    with watchdog.phase("anything"):
+        pass
     assert codes == []

@@ -1,0 +1,178 @@
+"""`python -m gpt2.status RUN_OR_LOG_DIR`: a run at a glance.
+
+Step and tokens, last and best val loss, HellaSwag, throughput and ETA, the newest checkpoint, and
+every attempt (start, hosts, world size, job, where it resumed, how it ended) from the run's
+`attempts.jsonl`. RUN_OR_LOG_DIR is the run's `logging.dir` or a directory above it holding
+`tensorboard/`; a local path or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpt2 import logs
+from gpt2.checkpoint import CheckpointStore
+from gpt2.errors import Gpt2Error, StatusError, exit_code
+from gpt2.metrics import ATTEMPTS_FILE, read_attempts
+from gpt2.storage import filesystem, join
+
+log = logging.getLogger("gpt2.status")  # also when run as __main__
+
+STEPS_FILE = "steps.jsonl"
+
+
+@dataclass
+class Run:
+    log_dir: str
+    steps: dict[int, dict[str, Any]]
+    attempts: list[dict[str, Any]]
+    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def find_log_dir(url: str) -> str:
+    """The directory holding steps.jsonl: `url` itself or its `tensorboard/`."""
+    url = url.rstrip("/")
+    fs, path = filesystem(url)
+    for candidate, sub in ((path, url), (join(path, "tensorboard"), f"{url}/tensorboard")):
+        if fs.exists(join(candidate, STEPS_FILE)) or fs.exists(join(candidate, ATTEMPTS_FILE)):
+            return sub
+    raise StatusError(f"no {STEPS_FILE} or {ATTEMPTS_FILE} under {url}: give a run's logging.dir (its TensorBoard "
+                      "directory) or the directory above it")
+
+
+def read_run(log_dir: str) -> Run:
+    fs, path = filesystem(log_dir)
+
+    def text(name: str) -> str:
+        p = join(path, name)
+        return fs.cat_file(p).decode() if fs.exists(p) else ""
+
+    steps: dict[int, dict[str, Any]] = {}
+    for line in text(STEPS_FILE).splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        steps[r["step"]] = r  # a restart may log a step twice: the last counts
+    return Run(log_dir, steps, read_attempts(text(ATTEMPTS_FILE)), read_scalars(log_dir))
+
+
+def read_scalars(log_dir: str, tags: tuple[str, ...] = ("val/loss", "eval/hellaswag_acc_norm")
+                 ) -> dict[str, list[tuple[int, float]]]:
+    """Scalars from the TensorBoard event files (copied first when remote)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # its notes on purged restarts are expected
+    fs, path = filesystem(log_dir)
+    with tempfile.TemporaryDirectory(prefix="gpt2-status-") as tmp:
+        for f in fs.glob(join(path, "events.out.tfevents.*")):
+            fs.get(f, join(tmp, f.rsplit("/", 1)[-1]))
+        acc = EventAccumulator(tmp, size_guidance={"scalars": 0})
+        acc.Reload()
+        present = set(acc.Tags().get("scalars", []))
+        return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags if t in present}
+
+
+def summary(run: Run, now: float | None = None) -> str:
+    """The status text."""
+    now = time.time() if now is None else now
+    starts = [a for a in run.attempts if a.get("event") == "start"]
+    last_start = starts[-1] if starts else {}
+    max_steps = last_start.get("max_steps")
+    batch = last_start.get("total_batch_tokens")
+    lines = [f"run {run.log_dir}"]
+    done = max(run.steps) + 1 if run.steps else 0
+    step_line = f"step {done:,}" + (f" of {max_steps:,} ({100 * done / max_steps:.1f}%)" if max_steps else "")
+    if batch:
+        step_line += f", {done * batch:,} tokens"
+    lines.append(step_line)
+    recent = [r for s, r in sorted(run.steps.items())[-50:] if not r.get("warmup")]
+    if recent:
+        tps = statistics.median(r["tokens_per_sec"] for r in recent)
+        step_s = statistics.median(r["step_time_ms"] for r in recent) / 1000
+        last = run.steps[max(run.steps)]
+        eta = f", ETA {_duration((max_steps - done) * step_s)}" if max_steps and done < max_steps else ""
+        lines.append(f"train loss {last['loss']:.4f}; {tps:,.0f} tokens/s, {step_s * 1000:.0f} ms/step (median of "
+                     f"the last {len(recent)} steps){eta}")
+    val = run.scalars.get("val/loss", [])
+    if val:
+        best = min(val, key=lambda x: x[1])
+        lines.append(f"val loss {val[-1][1]:.4f} at step {val[-1][0]} (best {best[1]:.4f} at step {best[0]})")
+    hs = run.scalars.get("eval/hellaswag_acc_norm", [])
+    if hs:
+        lines.append(f"HellaSwag acc_norm {hs[-1][1]:.4f} at step {hs[-1][0]}")
+    lines.append(_newest_checkpoint(last_start.get("checkpoint_dir")))
+    lines.append("")
+    lines.extend(attempts_table(run.attempts, now))
+    return "\n".join(lines)
+
+
+def _newest_checkpoint(directory: str | None) -> str:
+    if not directory:
+        return "checkpoints: unknown (no attempt recorded)"
+    try:
+        found = CheckpointStore(directory).complete()
+    except (Gpt2Error, OSError) as err:
+        return f"checkpoints: {directory} cannot be read ({err})"
+    if not found:
+        return f"checkpoints: none yet in {directory}"
+    c = found[-1]
+    age = _duration(time.time() - c.meta.get("saved_at", time.time()))
+    return f"newest checkpoint: {c.url} (step {c.step}, saved {age} ago; {len(found)} kept)"
+
+
+def attempts_table(attempts: list[dict[str, Any]], now: float) -> list[str]:
+    """One row per attempt: when, where, from which step, how it ended."""
+    ends = {a["attempt"]: a for a in attempts if a.get("event") == "end"}
+    starts = [a for a in attempts if a.get("event") == "start"]
+    if not starts:
+        return ["attempts: none recorded"]
+    rows = [("#", "started", "hosts", "world", "job", "micro", "resumed from", "ran", "ended")]
+    for a in starts:
+        end = ends.get(a["attempt"])
+        ran = _duration((end["time"] if end else now) - a["time"])
+        if end is None:
+            outcome = "running (or killed: no end record yet)"
+        else:
+            code = end.get("exit_code")
+            outcome = f"exit {code}: {end.get('reason')}" if code is not None else str(end.get("reason"))
+            if end.get("step") is not None:
+                outcome = f"step {end['step']}, {outcome}"
+        resumed = a.get("resumed_from_step")
+        rows.append((str(a["attempt"]), a.get("time_text", "?"), ",".join(a.get("hosts") or []) or "?",
+                     str(a.get("world_size", "?")), str(a.get("job_id") or "-"), str(a.get("micro_batch", "?")),
+                     "scratch" if resumed is None else f"step {resumed}", ran, outcome))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2.status", description=__doc__.split("\n")[0])
+    p.add_argument("path", help="a run's logging.dir, or a directory above it (local or an fsspec URL)")
+    args = p.parse_args(argv)
+    logs.setup()
+    try:
+        print(summary(read_run(find_log_dir(args.path))))
+    except Gpt2Error as err:
+        log.error("%s", err)
+        return exit_code(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
