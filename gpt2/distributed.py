@@ -48,6 +48,9 @@ def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s) if timeout_s > 0 else timedelta(minutes=30)
+        # NCCL's heartbeat monitor (default 480 s) would kill a rank stuck in a long phase before our
+        # watchdog and the collective timeout could say why: it comes after both
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(timeout.total_seconds()) + 60))
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(world, timeout),
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)

@@ -102,24 +102,25 @@ class Trainer:
         if n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but model.vocab_size is "
                               f"{cfg.model.vocab_size}")
-        start = StartUp(micro_batch=0, lease=take_lease(cfg.checkpoint) if dist.is_main else None)
+        lease = take_lease(cfg.checkpoint) if dist.is_main else None
         try:
-            start.resume = find_resume_point(cfg.checkpoint, dist.is_main)
-            start.micro_batch = cfg.train.micro_batch
-            if start.micro_batch == "auto":
-                start.micro_batch, why = choose_micro_batch(cfg, dist, start.resume)
-                start.notes.append(f"train.micro_batch=auto chose {start.micro_batch}: {why}")
+            resume = find_resume_point(cfg.checkpoint, dist.is_main)
+            micro_batch, notes = cfg.train.micro_batch, []
+            if micro_batch == "auto":
+                micro_batch, why = choose_micro_batch(cfg, dist, resume)
+                notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
             t = cfg.train  # a batch that cannot be split fails before any work
-            grad_accum_steps(t.total_batch_tokens, start.micro_batch, t.seq_len, dist.world_size)
+            grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
             ensure_data(cfg, dist.is_main)
             distributed.barrier()
-            start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
-            start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
-            start.hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))  # type: ignore[arg-type]
+            data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+            hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))
+            start = StartUp(micro_batch, resume, lease, data, continuation(resume.meta if resume else None, cfg, data),
+                            notes, hosts)  # type: ignore[arg-type]
             return cls(cfg, dist, start, watchdog)
         except BaseException:
-            if start.lease is not None:
-                start.lease.release()
+            if lease is not None:
+                lease.release()
             raise
 
     def __init__(self, cfg: Config, dist: distributed.Dist, start: StartUp, watchdog: Watchdog | None = None):

@@ -24,6 +24,9 @@ TRAINER_ENV: dict[str, str] = {
     # torchrun forwards these to the workers; SIGUSR2 is SLURM's preemption/time-limit warning
     "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2",
     "PYTHONUNBUFFERED": "1",
+    # a collective that fails or passes the process-group timeout (2 x train.hang_timeout_s) aborts
+    # the process, so torchrun restarts the group; our watchdog, with its phase and stacks, acts first
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
 }
 
 RDZV_PORT = 29400

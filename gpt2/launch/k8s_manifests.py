@@ -104,7 +104,9 @@ class Shared:
     @property
     def env(self) -> list[dict[str, str]]:
         return [*({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
-                {"name": "GPT2_CACHE_DIR", "value": f"{RUNS_MOUNT}/.cache"}]
+                {"name": "GPT2_CACHE_DIR", "value": f"{RUNS_MOUNT}/.cache"},
+                # the run's lease: a restarted or replaced pod of this job takes over at once
+                {"name": "GPT2_JOB_ID", "value": self.job}]
 
     def runs_volume(self, read_only: bool = False) -> dict[str, Any]:
         claim: dict[str, Any] = {"claimName": PVC_NAME, **({"readOnly": True} if read_only else {})}

@@ -25,11 +25,12 @@ def train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: in
 
 
 def popen_train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: int = 0,
-                env: dict | None = None) -> subprocess.Popen:
+                env: dict | None = None, log_name: str = "train.log") -> subprocess.Popen:
+    """The trainer in the background, its output in `tmp / log_name`."""
     launcher = torchrun_args(nproc, max_restarts) if nproc > 1 else []
     args = [sys.executable, *launcher, "-m", "gpt2.train", "configs/demo.yaml", *tiny_overrides(tmp, **(extra or {}))]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), OMP_NUM_THREADS="1", **(env or {}))
-    log = open(tmp / "train.log", "w")
+    log = open(tmp / log_name, "w")
     return subprocess.Popen(args, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 

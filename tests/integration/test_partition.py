@@ -1,0 +1,155 @@
+"""A network partition between two "nodes": network namespaces joined by a veth pair, made and
+removed by the test, one torchrun agent in each, elastic 1:2, the c10d rendezvous on node A.
+
+The link goes down mid-run: A (which keeps the rendezvous) goes on alone, the cut-off B stops
+within the hang limit and never writes after A took the run over (the lease); the link comes back,
+a restarted agent on B rejoins, and the job finishes at world size 2. Every step's batch checksum
+equals an uninterrupted run's (the checksum does not depend on the world size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, REPO, tiny_overrides
+from helpers.runs import steps, train
+
+from gpt2.launch.common import TRAINER_ENV
+
+EXTRA = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 3000, "checkpoint.every": 50,
+         "eval.val_every": 0, "train.log_every": 50}
+PORT = 29471
+
+
+def _need_root() -> None:
+    why = None
+    if os.geteuid() != 0:
+        why = "network namespaces need root"
+    elif shutil.which("ip") is None:
+        why = "the ip command (iproute2) is missing"
+    if why:
+        if IN_CI:
+            pytest.fail(why + "; CI runs as root with iproute2")
+        pytest.skip(why)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """Two namespaces "a" and "b" with 10.213.N.1 and .2 on a veth pair; removed afterwards."""
+    _need_root()
+    tag = f"g{os.getpid() % 100000}"
+    net = f"10.213.{os.getpid() % 250}"
+    nodes = {"a": (f"{tag}a", f"{tag}va", f"{net}.1"), "b": (f"{tag}b", f"{tag}vb", f"{net}.2")}
+    ip("netns", "add", nodes["a"][0])
+    ip("netns", "add", nodes["b"][0])
+    try:
+        ip("link", "add", nodes["a"][1], "type", "veth", "peer", "name", nodes["b"][1])
+        for ns, dev, addr in nodes.values():
+            ip("link", "set", dev, "netns", ns)
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        yield nodes
+    finally:
+        for ns, _, _ in nodes.values():  # whatever still runs inside, then the namespace and its veth end
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def agent(node: tuple[str, str, str], store_addr: str, tmp: Path, log_name: str) -> subprocess.Popen:
+    ns, dev, addr = node
+    env = dict(os.environ, **TRAINER_ENV, OMP_NUM_THREADS="1", TMPDIR=str(tmp), GLOO_SOCKET_IFNAME=dev)
+    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2",
+           "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={store_addr}:{PORT}",
+           "--rdzv-id=partition-test", f"--rdzv-conf=is_host={str(addr == store_addr).lower()}",
+           f"--local-addr={addr}", "--max-restarts=5", "--monitor-interval=0.5",
+           "-m", "gpt2.train", "configs/demo.yaml", *tiny_overrides(tmp, **EXTRA)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp / log_name, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_until(predicate, what: str, logs: list[Path], timeout: float = 300) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return time.time() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(p.read_text()[-2500:] for p in logs))
+
+
+def world_sizes(tmp: Path) -> list[int]:
+    return [r["world_size"] for r in steps(tmp).values()]
+
+
+def children(pid: int) -> list[int]:
+    """Live children of `pid` (an exited worker its blocked agent has not reaped yet does not count)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if line.split() and "Z" not in line.split()[1]]
+
+
+def end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_partition_leaves_one_side_training_alone_and_a_restarted_agent_rejoins(two_nodes, tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir(), run.mkdir()
+    r = train(ref, extra=EXTRA)  # the uninterrupted run, one process; also prepares the data
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(ref / "data", run / "data")
+    store = two_nodes["a"][2]
+    a = agent(two_nodes["a"], store, run, "a.log")
+    b = agent(two_nodes["b"], store, run, "b.log")
+    logs = [run / "a.log", run / "b.log"]
+    b2 = None
+    try:
+        wait_until(lambda: 2 in world_sizes(run) and len(steps(run)) >= 30, "both nodes training", logs)
+        ip("-n", two_nodes["b"][0], "link", "set", two_nodes["b"][1], "down")
+        cut_at = max(steps(run))
+        # B's worker stops within the hang limit (its agent waits on for the unreachable rendezvous)
+        b_done = wait_until(lambda: "no progress for" in (run / "b.log").read_text() and not children(b.pid),
+                            "the cut-off worker to stop", logs, timeout=300)
+        alone = wait_until(lambda: any(s["world_size"] == 1 and s["step"] > cut_at for s in steps(run).values()),
+                           "A training alone", logs, timeout=300)
+        lease = json.loads((run / "ckpt" / "LEASE").read_text())
+        ip("-n", two_nodes["b"][0], "link", "set", two_nodes["b"][1], "up")
+        end(b)  # the node comes back: its agent is restarted, as a node's supervisor would
+        b2 = agent(two_nodes["b"], store, run, "b2.log")
+        logs.append(run / "b2.log")
+        wait_until(lambda: any(s["world_size"] == 2 and s["step"] > cut_at for s in steps(run).values()),
+                   "B back in the job", logs, timeout=300)
+        assert a.wait(timeout=600) == 0, (run / "a.log").read_text()[-3000:]
+        assert b2.wait(timeout=120) == 0, (run / "b2.log").read_text()[-3000:]
+    finally:
+        for p in (a, b, b2):
+            if p is not None:
+                end(p)
+    b_log = (run / "b.log").read_text()
+    assert "no progress for" in b_log, b_log[-3000:]  # the cut-off side's watchdog
+    assert b_done < 120 and alone < 120, (b_done, alone)
+    got, want = steps(run), steps(ref)
+    assert sorted(got) == list(range(EXTRA["train.max_steps"]))
+    assert all(got[s]["batch_hash"] == want[s]["batch_hash"] for s in want)  # exact batches throughout
+    assert {1, 2} <= set(world_sizes(run))
+    # nothing written by a superseded holder: each kept checkpoint's writer held the newest generation then
+    gens = [json.loads(m.read_text())["writer"]["generation"] for m in sorted((run / "ckpt").glob("step-*/COMMITTED"))]
+    assert gens == sorted(gens) and lease["generation"] >= 2, (gens, lease)

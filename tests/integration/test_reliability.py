@@ -1,0 +1,241 @@
+"""Reliability with real processes and the shipped defaults: hangs found in about a minute and
+never during slow healthy work, one writer per run, no silent recipe change, every attempt on record."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, shared_file
+from helpers.runs import popen_train, steps, train
+
+from gpt2.data import row_hash
+from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED
+from gpt2.shards import open_split
+from gpt2.tokenizer import tokenizer_class
+from gpt2.watchdog import FLOOR_S, STEP_FACTOR
+
+BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint.every": 3}
+
+
+def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}: {log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:] if log else ''}")
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent_pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ---- hangs ------------------------------------------------------------------------------------------
+
+
+def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_job_completes(tmp_path):
+    """No watchdog setting is lowered: the step-based limit (20 x the slowest recent step, at least
+    60 s) finds the frozen peer, torchrun restarts the group, and it finishes from its checkpoint."""
+    extra = dict(BIGGER, **{"model.n_embd": 128, "model.n_layer": 4, "train.max_steps": 24, "checkpoint.every": 5})
+    proc = popen_train(tmp_path, nproc=2, extra=extra, max_restarts=2)
+    log = tmp_path / "train.log"
+    try:
+        # between saves: a save waits for its peers with the ceiling, a step with the step-based limit
+        wait_until(lambda: (tmp_path / "ckpt" / "step-00000005" / "COMMITTED").exists() and max(steps(tmp_path)) >= 6,
+                   "a checkpoint and a step after it", proc, log)
+        frozen = worker_pids(proc.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        t0 = time.time()
+        code = proc.wait(timeout=300)
+        took = time.time() - t0
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    detected = [float(s) for s in re.findall(r"no progress for (\d+) s in phase 'training step'", text)]
+    assert detected and FLOOR_S <= detected[0] < FLOOR_S + 10, text[-4000:]  # the floor, not the 600 s ceiling
+    assert "resumed from" in text and sorted(steps(tmp_path)) == list(range(24))
+    assert took < 180, took
+    attempts = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
+    reasons = [a.get("reason", "") for a in attempts if a["event"] == "end"]
+    assert any("hung in phase 'training step'" in r for r in reasons) or any("killed" in r for r in reasons), reasons
+    assert reasons[-1] == "finished: 24 steps"
+
+
+def test_an_evaluation_many_times_longer_than_a_step_does_not_fire_the_watchdog(tmp_path):
+    """HellaSwag on a slow device: the demo model scoring thousands of examples on CPU takes longer
+    than the step-based limit (the 60 s floor here), with the shipped defaults; it beats per example,
+    so the run goes on."""
+    hellaswag = shared_file("hellaswag_val.jsonl")
+    base = {"data.dir": tmp_path / "data", "checkpoint.dir": tmp_path / "ckpt", "logging.dir": tmp_path / "tb",
+            "train.max_steps": 10, "eval.sample_every": 0, "eval.val_every": 0, "eval.hellaswag_path": hellaswag}
+    env = {"OMP_NUM_THREADS": "1"}
+
+    def demo(**extra) -> subprocess.CompletedProcess:
+        args = [f"{k}={v}" for k, v in {**base, **extra}.items()]
+        return run_cli(["-m", "gpt2.train", "configs/demo.yaml", *args], env=env, timeout=900)
+
+    first = demo(**{"train.stop_at_step": 6, "eval.hellaswag_every": 0})
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = demo(**{"eval.hellaswag_every": 10, "eval.hellaswag_limit": 4000})  # steps 6-9 timed, then HellaSwag
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no progress" not in r.stderr
+    took = float(re.search(r"step 10: HellaSwag acc_norm \d+/4000 = [\d.]+ \(([\d.]+) s\)", r.stdout).group(1))
+    slowest = max(s["step_time_ms"] for s in steps(tmp_path).values() if s["step"] >= 6 and not s["warmup"]) / 1000
+    assert STEP_FACTOR * slowest < FLOOR_S < took, (slowest, took)  # the limit was the floor; the eval outlasted it
+
+
+# ---- one writer per run ------------------------------------------------------------------------------
+
+
+def test_a_second_trainer_on_the_same_run_is_refused_and_writes_nothing(tmp_path):
+    extra = dict(BIGGER, **{"train.max_steps": 60})
+    first = popen_train(tmp_path, extra=extra, log_name="first.log")
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 3, "the first trainer's steps", first, tmp_path / "first.log")
+        second = train(tmp_path, extra=extra)
+        assert second.returncode == EXIT_ERROR, second.stdout + second.stderr
+        assert f"another trainer holds this run: pid {first.pid}" in second.stderr
+        assert "checkpoint.take_over=true" in second.stderr and "Traceback" not in second.stderr
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        stop(first)
+    records = [json.loads(x) for x in (tmp_path / "tb" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(60))  # one writer: each step once, in order
+    attempts = (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()
+    assert len(attempts) == 2 and not (tmp_path / "ckpt" / "LEASE").exists()  # released at the end
+
+
+def test_a_frozen_holder_superseded_after_the_lease_went_stale_never_writes_again(tmp_path):
+    """The first trainer freezes (SIGSTOP) holding the lease; once the lease is stale (the default
+    60 s) a second one takes over and trains; the first, continued (SIGCONT), stops without writing."""
+    extra = dict(BIGGER, **{"train.max_steps": 400})
+    first = popen_train(tmp_path, extra=dict(extra, **{"logging.dir": tmp_path / "tb1"}), log_name="first.log")
+    second = None
+    lease = tmp_path / "ckpt" / "LEASE"
+    try:
+        wait_until(lambda: (tmp_path / "ckpt" / "step-00000006").exists(), "a checkpoint", first,
+                   tmp_path / "first.log")
+        os.kill(first.pid, signal.SIGSTOP)
+        frozen_at = len(steps(tmp_path, tmp_path / "tb1"))
+        wait_until(lambda: time.time() - json.loads(lease.read_text())["renewed_at"] > 60, "a stale lease",
+                   timeout=120)
+        second = popen_train(tmp_path, extra=dict(extra, **{"logging.dir": tmp_path / "tb2", "train.stop_at_step":
+                                                            frozen_at + 12}), log_name="second.log")
+        wait_until(lambda: len(steps(tmp_path, tmp_path / "tb2")) >= 6, "the second trainer's steps", second,
+                   tmp_path / "second.log")
+        taken = json.loads(lease.read_text())
+        os.kill(first.pid, signal.SIGCONT)
+        code = first.wait(timeout=120)
+        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    first_log, second_log = (tmp_path / "first.log").read_text(), (tmp_path / "second.log").read_text()
+    assert "has not renewed it for" in second_log and "(stale)" in second_log, second_log[-3000:]
+    assert code in (EXIT_ERROR, EXIT_HUNG) and "was superseded" in first_log, (code, first_log[-3000:])
+    assert len(steps(tmp_path, tmp_path / "tb1")) == frozen_at  # not one step line after the take-over
+    writers = {json.loads(m.read_text())["writer"]["pid"] for m in (tmp_path / "ckpt").glob("step-*/COMMITTED")}
+    assert writers == {second.pid}, writers  # every checkpoint kept was written by the second trainer
+    assert taken["generation"] == 2 and taken["owner"]["pid"] == second.pid
+
+
+# ---- the recipe -------------------------------------------------------------------------------------
+
+
+def rows_of_stream(data_dir: Path, first_row: int, n: int, row_tokens: int = 33) -> np.ndarray:
+    """Rows of the train stream read straight from the shards, independent of the loader."""
+    shards = open_split(str(data_dir), "train", tokenizer_class("bytes").fingerprint)
+    return np.stack([shards.read((first_row + i) * row_tokens, row_tokens) for i in range(n)])
+
+
+def test_a_new_global_batch_is_refused_unless_allowed_and_then_no_row_is_skipped_or_read_twice(tmp_path):
+    r = train(tmp_path, extra={"train.max_steps": 8, "train.stop_at_step": 4})  # 16 rows a step: rows 0-63
+    assert r.returncode == 0, r.stderr
+    refused = train(tmp_path, extra={"train.max_steps": 8, "train.total_batch_tokens": 1024})
+    assert refused.returncode == EXIT_CONFIG and "train.allow_batch_change=true" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    r = train(tmp_path, extra={"train.max_steps": 8, "train.total_batch_tokens": 1024,
+                               "train.allow_batch_change": "true"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "continues by tokens seen, at row 64" in r.stderr
+    got = steps(tmp_path)
+    for step in range(4):
+        assert got[step]["batch_hash"] == row_hash(rows_of_stream(tmp_path / "data", 16 * step, 16), 0)
+    for step in range(4, 8):  # 32 rows a step from row 64 on: 64-95, 96-127, ...
+        assert got[step]["batch_hash"] == row_hash(rows_of_stream(tmp_path / "data", 64 + 32 * (step - 4), 32), 0)
+
+
+def test_a_longer_schedule_is_said_or_continued_without_a_jump(tmp_path):
+    r = train(tmp_path, extra={"train.max_steps": 8})
+    assert r.returncode == 0, r.stderr
+    last_lr = steps(tmp_path)[7]["lr"]
+    r = train(tmp_path, extra={"train.max_steps": 12, "optim.on_schedule_change": "continue"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "train.max_steps 8 -> 12" in r.stderr and "continuing with a new cosine decay" in r.stderr
+    lrs = [steps(tmp_path)[s]["lr"] for s in range(8, 12)]
+    assert lrs[0] <= last_lr * 1.0001 and lrs == sorted(lrs, reverse=True)  # no jump up, decaying
+    r = train(tmp_path, extra={"train.max_steps": 16})
+    assert r.returncode == 0 and "goes from" in r.stderr and "optim.on_schedule_change=continue" in r.stderr
+
+
+# ---- the attempt ledger -----------------------------------------------------------------------------
+
+
+def test_every_attempt_is_on_record_and_status_shows_the_run(tmp_path):
+    extra = dict(BIGGER, **{"train.max_steps": 60})
+    a = popen_train(tmp_path, extra=extra, log_name="a.log")
+    wait_until(lambda: len(steps(tmp_path)) >= 4, "steps", a, tmp_path / "a.log")
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=60) == EXIT_PREEMPTED
+    b = popen_train(tmp_path, extra=extra, log_name="b.log")
+    wait_until(lambda: len(steps(tmp_path)) >= 20, "steps", b, tmp_path / "b.log")
+    os.killpg(b.pid, signal.SIGKILL)  # no end record, and its lease stays behind
+    b.wait()
+    c = train(tmp_path, extra=extra)
+    assert c.returncode == EXIT_OK, c.stdout + c.stderr
+    assert "is no longer running" in c.stdout and "left no end record" in c.stderr
+    records = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
+    ends = {r["attempt"]: r for r in records if r["event"] == "end"}
+    assert [r["attempt"] for r in records if r["event"] == "start"] == [1, 2, 3]
+    assert ends[1]["exit_code"] == EXIT_PREEMPTED and ends[1]["reason"].startswith("preempted")
+    assert ends[2]["inferred"] and ends[3]["exit_code"] == 0 and ends[3]["reason"] == "finished: 60 steps"
+    starts = [r for r in records if r["event"] == "start"]
+    assert starts[0]["resumed_from_step"] is None and starts[1]["resumed_from_step"] == ends[1]["step"]
+    status = run_cli(["-m", "gpt2.status", str(tmp_path / "tb")])
+    assert status.returncode == 0, status.stderr
+    out = status.stdout
+    assert "step 60 of 60 (100.0%)" in out and "newest checkpoint:" in out and "val loss" in out
+    assert "exit 200: preempted" in out and "left no end record" in out and "exit 0: finished: 60 steps" in out
+    missing = run_cli(["-m", "gpt2.status", str(tmp_path / "nothing")])
+    assert missing.returncode == EXIT_CONFIG and "no steps.jsonl" in missing.stderr
+
+
+@pytest.mark.parametrize("name", ["attempts"])
+def test_the_ledger_is_in_tensorboard_too(tmp_path, name):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = train(tmp_path, extra={"train.max_steps": 4})
+    assert r.returncode == 0, r.stderr
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert f"{name}/text_summary" in acc.Tags()["tensors"]
