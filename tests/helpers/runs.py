@@ -50,3 +50,9 @@ def steps(tmp: Path, log_dir: Path | None = None) -> dict[int, dict]:
 def losses(tmp: Path) -> list[float]:
     recs = steps(tmp)
     return [recs[s]["loss"] for s in sorted(recs)]
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """The live child processes of a torchrun agent (an exited worker not yet reaped does not count)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(agent_pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if line.split() and "Z" not in line.split()[1]]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, REPO, tiny_overrides
-from helpers.runs import steps, train
+from helpers.runs import steps, train, worker_pids
 
 from gpt2.launch.common import TRAINER_ENV
 
@@ -97,12 +97,6 @@ def world_sizes(tmp: Path) -> list[int]:
     return [r["world_size"] for r in steps(tmp).values()]
 
 
-def children(pid: int) -> list[int]:
-    """Live children of `pid` (an exited worker its blocked agent has not reaped yet does not count)."""
-    out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if line.split() and "Z" not in line.split()[1]]
-
-
 def end(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -126,7 +120,7 @@ def test_a_partition_leaves_one_side_training_alone_and_a_restarted_agent_rejoin
         ip("-n", two_nodes["b"][0], "link", "set", two_nodes["b"][1], "down")
         cut_at = max(steps(run))
         # B's worker stops within the hang limit (its agent waits on for the unreachable rendezvous)
-        b_done = wait_until(lambda: "no progress for" in (run / "b.log").read_text() and not children(b.pid),
+        b_done = wait_until(lambda: "no progress for" in (run / "b.log").read_text() and not worker_pids(b.pid),
                             "the cut-off worker to stop", logs, timeout=300)
         alone = wait_until(lambda: any(s["world_size"] == 1 and s["step"] > cut_at for s in steps(run).values()),
                            "A training alone", logs, timeout=300)

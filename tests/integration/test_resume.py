@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 from helpers.parts import Part
-from helpers.runs import popen_train, steps, train
+from helpers.runs import popen_train, steps, train, worker_pids
 
 from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointStore, load_state
 from gpt2.config import CheckpointConfig
@@ -33,11 +33,6 @@ def wait_for_step(tmp: Path, step: int, proc: subprocess.Popen, timeout: float =
             raise AssertionError(f"trainer exited early ({proc.returncode}): {(tmp / 'train.log').read_text()[-3000:]}")
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached: {(tmp / 'train.log').read_text()[-3000:]}")
-
-
-def worker_pids(agent_pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent_pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def test_sigkill_of_a_worker_under_torchrun_resumes_bitwise(tmp_path):
