@@ -28,6 +28,14 @@ def console_messages():
     yield
 
 
+@pytest.fixture(scope="session")
+def project_image():
+    """The project image (localhost/gpt2:test), built once for the container and Kubernetes tests."""
+    from helpers.image import build_project_image
+
+    yield from build_project_image()
+
+
 def shared_file(name: str) -> Path:
     """A file of ../shared/data (see its SOURCES.md). Skips when absent; with CI=true, fails."""
     path = SHARED_DATA / name

@@ -162,13 +162,16 @@ def _rollback(created: list[tuple[str, str]], ops, namespace: str) -> str:
     return f" (rolled back: {', '.join(undone)})" if undone else ""
 
 
-def delete(api, name: str, namespace: str, with_companions: bool) -> None:
+def delete(api, name: str, namespace: str, with_companions: bool, with_volume: bool = False) -> None:
+    """Delete the job, its preparation Job and (with_companions) TensorBoard; the PVC only with_volume."""
     from kubernetes.client.exceptions import ApiException
 
     ops = _creators(api)
     targets = [("PyTorchJob", name), ("Job", f"{name}-prepare")]
     if with_companions:
         targets += [("Service", TENSORBOARD), ("Deployment", TENSORBOARD)]
+    if with_volume:
+        targets.append(("PersistentVolumeClaim", PVC_NAME))
     for kind, obj in targets:
         try:
             ops[kind][1](namespace, obj)
@@ -177,7 +180,9 @@ def delete(api, name: str, namespace: str, with_companions: bool) -> None:
             if err.status != 404:
                 raise LaunchError(f"deleting {kind} {namespace}/{obj} failed: {_api_message(err)}") from None
             log.info(f"{kind} {namespace}/{obj} not found")
-    log.info(f"the PVC {PVC_NAME} (data, checkpoints, logs) is kept; kubectl delete pvc {PVC_NAME} removes it")
+    if not with_volume:
+        log.info(f"the PVC {PVC_NAME} (data, checkpoints, logs) is kept; --delete-volume (or kubectl delete pvc "
+                 f"{PVC_NAME}) removes it")
 
 
 def follow(api, name: str, namespace: str, poll_s: float = 10.0) -> int:
@@ -226,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--namespace", default=None)
         s.add_argument("--prepare-cpus", type=int, default=Options.prepare_cpus,
                        help="CPUs of the data preparation Job (and its tokenizer workers)")
+        s.add_argument("--prepare-memory", default=Options.prepare_memory, help="memory of the preparation Job")
+        s.add_argument("--worker-cpus", default=None, help="CPU request of each training pod (default: none)")
+        s.add_argument("--worker-memory", default=None, help="memory request of each training pod (default: none)")
+        s.add_argument("--tensorboard-cpus", default=Options.tensorboard_cpus)
+        s.add_argument("--tensorboard-memory", default=Options.tensorboard_memory)
+        s.add_argument("--shm-size", default=Options.shm_size, help="/dev/shm (memory) of each training pod")
         s.add_argument("overrides", nargs="*", help="trainer config overrides key=value")
         if name == "create":
             s.add_argument("--prepare", action="store_true",
@@ -239,17 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--name", default="gpt2-124m")
     d.add_argument("--namespace", default="default")
     d.add_argument("--keep-tensorboard", action="store_true")
+    d.add_argument("--delete-volume", action="store_true",
+                   help="also delete the PVC: the prepared data, every checkpoint and the logs")
     d.add_argument("--kubeconfig", default=None)
     args = p.parse_args(argv)
     logs.setup()
     try:
         if args.command == "delete":
-            delete(api_client(args.kubeconfig), args.name, args.namespace, not args.keep_tensorboard)
+            delete(api_client(args.kubeconfig), args.name, args.namespace, not args.keep_tensorboard,
+                   with_volume=args.delete_volume)
             return 0
         opts = Options(config=args.config, nodes=args.nodes, min_nodes=args.min_nodes, max_nodes=args.max_nodes,
                        gpus=args.gpus, image=args.image, storage=args.storage, pvc_size=args.pvc_size,
                        storage_class=args.storage_class, name=args.name, namespace=args.namespace,
-                       prepare_cpus=args.prepare_cpus, overrides=check_overrides(args.overrides))
+                       prepare_cpus=args.prepare_cpus, prepare_memory=args.prepare_memory,
+                       worker_cpus=args.worker_cpus, worker_memory=args.worker_memory,
+                       tensorboard_cpus=args.tensorboard_cpus, tensorboard_memory=args.tensorboard_memory,
+                       shm_size=args.shm_size, overrides=check_overrides(args.overrides))
         manifests = render(opts)
         if args.command == "render":
             write(manifests, Path(args.out))

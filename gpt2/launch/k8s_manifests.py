@@ -33,10 +33,13 @@ PVC_NAME = "gpt2-runs"
 S3_SECRET = "gpt2-s3"
 TENSORBOARD = "gpt2-tensorboard"
 JOB_LABEL = "training.kubeflow.org/job-name"
+RDZV_PORT_NAME = "pytorchjob-port"  # the Training Operator's PytorchJobDefaultPortName
 # torchrun gives workers 30 s after forwarding SIGTERM; the pod's grace period must exceed it.
 GRACE_SECONDS = 120
 # The trainers wait this long for the preparation Job's manifest (`kubectl apply -k` starts both).
 WAIT_FOR_DATA_S = 24 * 3600
+# a Kubernetes resource quantity: 2, 500m, 1.5, 32Gi, 256M
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 # RFC 1123 labels; a job name is shorter so that the operator's pod names (NAME-worker-N) fit in 63
 _DNS_LABEL = {"--name": 50, "--namespace": 63}
 
@@ -57,9 +60,19 @@ class Options:
     pvc_size: str = "500Gi"
     storage_class: str | None = None
     prepare_cpus: int = 16  # the preparation Job's CPU request and tokenizer workers
+    prepare_memory: str = "32Gi"
+    worker_cpus: str | None = None  # each training pod's requests; none: what the node gives
+    worker_memory: str | None = None
+    tensorboard_cpus: str = "500m"
+    tensorboard_memory: str = "2Gi"
+    shm_size: str = "64Gi"  # /dev/shm of a training pod (a memory volume: the data loader's workers)
     name: str | None = None
     namespace: str | None = None
     overrides: list[str] = field(default_factory=list)
+
+
+def _requests(cpu: str | int | None, memory: str | None) -> dict[str, str]:
+    return {k: str(v) for k, v in (("cpu", cpu), ("memory", memory)) if v is not None}
 
 
 def _meta(name: str, opts: Options, **labels: str) -> dict[str, Any]:
@@ -108,9 +121,11 @@ class Shared:
                 # the run's lease: a restarted or replaced pod of this job takes over at once
                 {"name": "GPT2_JOB_ID", "value": self.job}]
 
-    def runs_volume(self, read_only: bool = False) -> dict[str, Any]:
-        claim: dict[str, Any] = {"claimName": PVC_NAME, **({"readOnly": True} if read_only else {})}
-        return {"name": "runs", "persistentVolumeClaim": claim}
+    def runs_volume(self) -> dict[str, Any]:
+        # never readOnly here, even for TensorBoard (its volumeMount is read-only): a volume plugin
+        # that applies fsGroup only at the first mount (the local one) skips it for a read-only
+        # first mount, and every later writer then finds the volume not writable by uid 1000
+        return {"name": "runs", "persistentVolumeClaim": {"claimName": PVC_NAME}}
 
 
 def check_options(opts: Options, job: str) -> int:
@@ -132,6 +147,12 @@ def check_options(opts: Options, job: str) -> int:
                           f"--max-nodes ({max_nodes})")
     if opts.prepare_cpus < 1:
         raise LaunchError(f"--prepare-cpus must be at least 1, got {opts.prepare_cpus}")
+    for flag, value in (("--prepare-memory", opts.prepare_memory), ("--worker-cpus", opts.worker_cpus),
+                        ("--worker-memory", opts.worker_memory), ("--tensorboard-cpus", opts.tensorboard_cpus),
+                        ("--tensorboard-memory", opts.tensorboard_memory), ("--shm-size", opts.shm_size)):
+        if value is not None and not _QUANTITY.match(value):
+            raise LaunchError(f"{flag} '{value}' is not a Kubernetes quantity: a number with an optional unit, "
+                              "e.g. 2, 500m (CPUs) or 512Mi, 32Gi (memory)")
     return max_nodes
 
 
@@ -169,20 +190,24 @@ def pytorchjob(s: Shared) -> dict[str, Any]:
     """The elastic PyTorchJob: `--nodes` Worker pods (between min and max), torchrun in each."""
     # a trainer started before the preparation has finished waits for its manifest
     overrides = [*s.placed, f"data.wait_for_data_s={WAIT_FOR_DATA_S}", *s.train_overrides]
-    command = torchrun_command(s.opts.config, overrides, nproc_per_node=None)
+    # --nproc-per-node explicitly: in elastic mode the operator sets PET_NPROC_PER_NODE only from the
+    # deprecated elasticPolicy.nProcPerNode, not from spec.nprocPerNode
+    command = torchrun_command(s.opts.config, overrides, nproc_per_node=s.procs)
     container = {
         "name": "pytorch",  # the operator requires this name
         "image": s.image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORKDIR,
-        # torchrun takes --nnodes, --nproc-per-node, --rdzv-* and --max-restarts from the PET_*
-        # variables the operator sets from elasticPolicy and nprocPerNode
-        "command": command[:1],
-        "args": command[1:],
+        # the image's entrypoint runs `torchrun ARGS` as gpt2.launch.torchrun, which exits 200 when
+        # the kubelet stops the pod (torchrun alone exits 1, which restartPolicy ExitCode takes as a
+        # permanent failure). torchrun takes --nnodes, --rdzv-* and --max-restarts from the PET_*
+        # variables the operator sets from elasticPolicy.
+        "args": command,
         "env": s.env,
         "envFrom": S3_ENV_FROM,
-        "ports": [{"name": "c10d", "containerPort": RDZV_PORT}],
-        "resources": {"limits": {"nvidia.com/gpu": str(s.opts.gpus)}} if s.opts.gpus else {},
+        # the operator takes the rendezvous port (PET_RDZV_ENDPOINT) from the port of this name
+        "ports": [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT}],
+        "resources": worker_resources(s.opts),
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "runs", "mountPath": RUNS_MOUNT}],
     }
@@ -190,7 +215,8 @@ def pytorchjob(s: Shared) -> dict[str, Any]:
         "terminationGracePeriodSeconds": GRACE_SECONDS,
         "securityContext": POD_SECURITY,
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}, s.runs_volume()],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.opts.shm_size}},
+                    s.runs_volume()],
     }
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -214,6 +240,16 @@ def pytorchjob(s: Shared) -> dict[str, Any]:
     }
 
 
+def worker_resources(opts: Options) -> dict[str, Any]:
+    """A training pod's resources: the GPUs as a limit (none on CPU), CPU and memory as requests if given."""
+    resources: dict[str, Any] = {}
+    if opts.gpus:
+        resources["limits"] = {"nvidia.com/gpu": str(opts.gpus)}
+    if requests := _requests(opts.worker_cpus, opts.worker_memory):
+        resources["requests"] = requests
+    return resources
+
+
 def pvc(s: Shared) -> dict[str, Any]:
     """The shared volume for data, checkpoints and TensorBoard (ReadWriteMany: every pod mounts it)."""
     spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": s.opts.pvc_size}}}
@@ -230,6 +266,7 @@ def tensorboard(s: Shared) -> list[dict[str, Any]]:
         "image": s.image,
         "command": ["tensorboard", "--logdir", RUNS_MOUNT, "--host", "0.0.0.0", "--port", "6006"],
         "ports": [{"name": "http", "containerPort": 6006}],
+        "resources": {"requests": _requests(s.opts.tensorboard_cpus, s.opts.tensorboard_memory)},
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT, "readOnly": True}],
     }
@@ -242,7 +279,7 @@ def tensorboard(s: Shared) -> list[dict[str, Any]]:
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": {
                 "securityContext": POD_SECURITY, "containers": [container],
-                "volumes": [s.runs_volume(read_only=True)]}},
+                "volumes": [s.runs_volume()]}},
         },
     }
     service = {
@@ -267,7 +304,7 @@ def prepare_job(s: Shared) -> dict[str, Any]:
                  *s.opts.overrides, f"data.workers={s.opts.prepare_cpus}"],
         "env": [*s.env, {"name": "HF_HOME", "value": f"{RUNS_MOUNT}/.cache/huggingface"}],
         "envFrom": S3_ENV_FROM,
-        "resources": {"requests": {"cpu": str(s.opts.prepare_cpus), "memory": "32Gi"}},
+        "resources": {"requests": _requests(s.opts.prepare_cpus, s.opts.prepare_memory)},
         "securityContext": CONTAINER_SECURITY,
         "volumeMounts": [{"name": "runs", "mountPath": RUNS_MOUNT}],
     }

@@ -355,7 +355,7 @@ class JobTask:
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         log.info(f"[gpt2] node {os.environ.get('SLURM_NODEID')} (requeue {restart}): {shlex.join(cmd)}")
         # torchrun and python of this very environment, whatever PATH the job inherited
-        program = [sys.executable, "-m", "torch.distributed.run"] if cmd[0] == "torchrun" else [sys.executable]
+        program = [sys.executable, "-m", "gpt2.launch.torchrun"] if cmd[0] == "torchrun" else [sys.executable]
         self._proc = subprocess.Popen([*program, *cmd[1:]], env=env, start_new_session=self.plan.own_session)
         while self._proc.poll() is None:  # poll, not wait(): the USR2 handler below waits too
             time.sleep(0.5)

@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, REPO
-
-BUILDAH = ["buildah", "--storage-driver", "vfs"]
-BASE = "localhost/gpt2-test-base:latest"
-IMAGE = "localhost/gpt2:test"
+from helpers.image import BUILDAH
 
 
 def test_hadolint_finds_no_problem():
@@ -36,24 +33,9 @@ def test_dockerignore_keeps_the_context_small():
     assert lines[0] == "*" and "!gpt2/" in lines and "!configs/" in lines
 
 
-@pytest.fixture(scope="module")
-def image():
-    if shutil.which("buildah") is None or os.geteuid() != 0:
-        msg = "buildah (as root) is needed to build the image"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    r = subprocess.run(["bash", "scripts/build-test-base.sh"], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # vfs copies the whole file system per layer: no intermediate layers, and nothing left behind
-    # but the base (reused by the next run), or repeated runs fill the disk
-    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
-    r = subprocess.run([*BUILDAH, "build", "--isolation", "chroot", "--layers=false", "--build-arg",
-                        f"BASE_IMAGE={BASE}", "-t", IMAGE, "."], cwd=REPO, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    yield IMAGE
-    subprocess.run([*BUILDAH, "rmi", IMAGE], capture_output=True)
-    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True)
+@pytest.fixture
+def image(project_image):
+    return project_image
 
 
 @pytest.mark.container

@@ -64,8 +64,11 @@ def test_the_pytorchjob_is_what_the_issue_asks_for():
     worker = spec["pytorchReplicaSpecs"]["Worker"]
     pod = worker["template"]["spec"]
     c = pod["containers"][0]
-    assert c["name"] == "pytorch" and c["command"] == ["torchrun"]
-    assert c["args"][:3] == ["-m", "gpt2.train", "configs/gpt2-124m.yaml"]
+    # no command: the image's entrypoint runs `torchrun` as gpt2.launch.torchrun (exit 200 on SIGTERM)
+    assert c["name"] == "pytorch" and "command" not in c
+    assert c["args"][:5] == ["torchrun", "--nproc-per-node=8", "-m", "gpt2.train", "configs/gpt2-124m.yaml"]
+    # the port the Training Operator takes the rendezvous endpoint from
+    assert c["ports"] == [{"name": "pytorchjob-port", "containerPort": 29400}]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in pod["volumes"]
     assert pod["securityContext"]["runAsNonRoot"] and not c["securityContext"]["allowPrivilegeEscalation"]
@@ -278,7 +281,8 @@ def start_pod(tmp: Path, name: str, port: int, extra: dict) -> subprocess.Popen:
     c = m["pytorchjob.yaml"][0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     args = [a for a in c["args"] if not a.startswith(("data.dir=runs", "checkpoint.dir=runs", "logging.dir=runs",
                                                       "data.cache_dir=runs"))]  # the test's own dirs win
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    assert args[0] == "torchrun"  # what the image's entrypoint runs as gpt2.launch.torchrun
+    cmd = [sys.executable, "-m", "gpt2.launch.torchrun", *args[1:]]
     log = open(tmp / f"{name}.log", "a")
     return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **pod_env(tmp, port)), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -134,3 +134,36 @@ def test_a_training_job_on_broken_data_is_refused(tmp_path):
     cfg = slurm.load_trainer_config(opts.config, opts.overrides)
     with pytest.raises(LaunchError, match="not a valid shard manifest.*would wait for GPUs, then fail"):
         slurm.check_data(slurm.plan(opts, cfg), cfg, opts)
+
+
+def test_render_sets_every_resource_request_and_cpu_only_asks_no_gpu():
+    from gpt2.launch import k8s_manifests as m
+
+    opts = m.Options(config="configs/demo.yaml", gpus=0, nodes=1, prepare_cpus=1, prepare_memory="1Gi",
+                     worker_cpus="1", worker_memory="2Gi", tensorboard_cpus="100m", tensorboard_memory="256Mi",
+                     shm_size="256Mi")
+    out = m.render(opts)
+    pod = out["pytorchjob.yaml"][0]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}} in pod["volumes"]
+    prep = out["prepare-job.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert prep["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
+    tb = out["tensorboard.yaml"][0]["spec"]["template"]["spec"]["containers"][0]
+    assert tb["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"}}
+    assert "nvidia.com/gpu" not in str(out)
+
+
+@pytest.mark.parametrize("flag,field", [("--worker-memory", "worker_memory"), ("--shm-size", "shm_size"),
+                                        ("--tensorboard-cpus", "tensorboard_cpus")])
+def test_a_bad_resource_quantity_names_the_flag(flag, field):
+    from gpt2.launch import k8s_manifests as m
+
+    with pytest.raises(LaunchError, match=f"{flag} '2 GB' is not a Kubernetes quantity"):
+        m.render(m.Options(config="configs/demo.yaml", gpus=0, **{field: "2 GB"}))
+
+
+def test_torchrun_exit_codes_keep_a_signal_retryable():
+    from gpt2.launch.torchrun import exit_code_of
+
+    assert exit_code_of(2) == 2 and exit_code_of(200) == 200
+    assert exit_code_of(-9) == 137 and exit_code_of(-15) == 143

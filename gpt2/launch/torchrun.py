@@ -1,0 +1,55 @@
+"""torchrun with the trainers' outcome as its exit code: `python -m gpt2.launch.torchrun ARGS` (ARGS as torchrun's).
+
+torchrun itself exits 1 both when a trainer failed for good (a config error, exit 2) and when it was
+told to stop: on SIGTERM it forwards the signal, the trainers save a checkpoint and exit 200, and
+torchrun still exits 1. What runs torchrun decides on that code: a PyTorchJob with
+`restartPolicy: ExitCode` restarts a pod for 128-255 and fails the whole job for 1-127, so an
+evicted or preempted pod must not exit 1. Here a stop signal gives EXIT_PREEMPTED (the trainers were
+asked to save, and a resume continues from the newest checkpoint either way), and a failed worker
+group gives the exit code of its first failure (a signal N as 128 + N).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from gpt2 import logs
+from gpt2.errors import EXIT_ERROR, EXIT_PREEMPTED
+
+log = logging.getLogger("gpt2.launch.torchrun")
+
+
+def exit_code_of(failure_code: int) -> int:
+    """A worker's return code as a process exit code: -N (killed by signal N) becomes 128 + N."""
+    if failure_code < 0:
+        return 128 + -failure_code
+    return failure_code or EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logs.setup()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except SignalException as err:
+        name = signal.Signals(err.sigval).name
+        log.warning(f"torchrun got {name}: the trainers were asked to save a checkpoint; exiting "
+                    f"{EXIT_PREEMPTED} (preempted), so that the job is restarted and resumes")
+        return EXIT_PREEMPTED
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = exit_code_of(failure.exitcode)
+        log.error("%s", err)
+        log.error(f"the trainers failed (first: rank {rank}, exit code {failure.exitcode}); exiting {code}")
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
