@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SHARED_DATA, run_cli
+from conftest import REPO, run_cli, shared_file
 from helpers.image import BUILDAH
 from helpers.kube import Kube, local_volume, operator_worker_pod, require_cluster
 from helpers.runs import steps
@@ -36,7 +36,7 @@ from gpt2.shards import npy_size
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 
 JOB = "gpt2-demo"
-CRD = SHARED_DATA / "kubeflow.org_pytorchjobs.v1.9.4.yaml"
+CRD = "kubeflow.org_pytorchjobs.v1.9.4.yaml"
 # requests that fit a 2-CPU node: the preparation and the trainer never run at once, TensorBoard runs throughout
 SMALL_NODE = ["--prepare-cpus", "1", "--prepare-memory", "1Gi", "--worker-cpus", "1", "--worker-memory", "2Gi",
               "--tensorboard-cpus", "100m", "--tensorboard-memory", "512Mi", "--shm-size", "256Mi",
@@ -51,8 +51,7 @@ GRACE_S = 120  # the rendered terminationGracePeriodSeconds (k8s_manifests.GRACE
 def cluster(project_image):
     """The running cluster, with the project image in containerd and the PyTorchJob CRD installed."""
     env = require_cluster()
-    if not CRD.is_file():
-        pytest.fail(f"{CRD} is missing (see ../shared/data/SOURCES.md)")
+    crd = shared_file(CRD)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         archive = f"{tmp}/image.tar"
         subprocess.run([*BUILDAH, "push", "--quiet", project_image, f"docker-archive:{archive}:{project_image}"],
@@ -62,7 +61,7 @@ def cluster(project_image):
     admin = Kube(env, "default")
     # client-side apply would exceed the 262,144-byte annotation limit; 1.20 drops the CRD's one CEL rule
     if admin.run("get", "crd", "pytorchjobs.kubeflow.org", check=False).returncode != 0:
-        admin.run("create", "--validate=false", "-f", str(CRD))
+        admin.run("create", "--validate=false", "-f", str(crd))
     admin.wait_for("the CRD to be established", lambda: any(
         c["type"] == "Established" and c["status"] == "True" for c in
         admin.get("crd", "pytorchjobs.kubeflow.org")["status"].get("conditions") or []), 60)
