@@ -179,8 +179,12 @@ class CheckpointConfig:
     # Transient storage errors are retried this many times with exponential backoff.
     retries: int = 5
     # The run's lease (one writer per checkpoint.dir, gpt2/checkpoint/lease.py): renewed every
-    # ttl/4 s; a lease not renewed for this long is stale and another trainer may take it. 0: no lease.
+    # ttl/4 s; a lease that another start watches unchanged for this long (by its own clock) is
+    # stale and taken over. 0: no lease.
     lease_ttl_s: int = 60
+    # How long a start waits for a live holder of the same job (an earlier attempt still ending)
+    # or a holder that is stopping, before it gives up.
+    lease_wait_s: int = 600
     # Take the lease even from a live holder (after making sure the other trainer is gone).
     take_over: bool = False
 
@@ -379,12 +383,16 @@ def validate(config: Config) -> None:
         "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
         "data.workers": d.workers, "data.val_tokens": d.val_tokens, "data.wait_for_data_s": d.wait_for_data_s,
         "checkpoint.retries": c.retries, "checkpoint.lease_ttl_s": c.lease_ttl_s,
+        "checkpoint.lease_wait_s": c.lease_wait_s,
         "launch.max_restarts": config.launch.max_restarts, "launch.max_requeues": config.launch.max_requeues,
         "launch.signal_delay_s": config.launch.signal_delay_s,
     }
     for key, value in non_negatives.items():
         if not value >= 0:
             raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
+    if 0 < c.lease_ttl_s < 10:
+        raise ConfigError(f"checkpoint.lease_ttl_s must be 0 (no lease) or at least 10 s, got {c.lease_ttl_s}: a "
+                          "holder renews every ttl/4 s and stops writing when a renewal is ttl/2 s late")
     if o.min_lr > o.lr:
         raise ConfigError(f"optim.min_lr ({o.min_lr}) is above optim.lr ({o.lr}); the schedule decays lr to min_lr")
     if not all(0 <= b < 1 for b in o.betas):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -60,15 +63,41 @@ KILLED = ("killed: the previous attempt left no end record (SIGKILL, out of memo
           "whose watchdog could not report)")
 
 
-def read_attempts(text: str) -> list[dict]:
-    """The records of an attempts.jsonl (a line cut short by a kill is skipped)."""
+STEPS_FILE = "steps.jsonl"
+
+
+def _json_lines(text: str) -> list[dict]:
     records = []
     for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
-            continue
+            continue  # a line cut short by a kill
     return records
+
+
+def read_attempts(text: str) -> list[dict]:
+    """The records of an attempts.jsonl (a line cut short by a kill is skipped)."""
+    return _json_lines(text)
+
+
+def current_steps(steps_text: str, attempts: list[dict]) -> dict[int, dict]:
+    """The step records of the run's current trajectory, by step, from a steps.jsonl and its ledger.
+
+    A start that resumed at step r (0 from scratch: a first start or a start-over) discards every
+    record at or after r of the attempts before it: a branch abandoned by a rollback, the steps a
+    failed attempt trained after its last checkpoint, and whatever a superseded writer still wrote.
+    Of the records left, the last one of each step counts."""
+    resumed = {a["attempt"]: a.get("resumed_from_step") or 0 for a in attempts if a.get("event") == "start"}
+    cut, lowest = {}, math.inf
+    for n in sorted(resumed, reverse=True):
+        cut[n], lowest = lowest, min(lowest, resumed[n])
+    steps: dict[int, dict] = {}
+    for r in _json_lines(steps_text):
+        if r.get("attempt") is not None and r["step"] >= cut.get(r["attempt"], math.inf):
+            continue
+        steps[r["step"]] = r
+    return steps
 
 
 @dataclass(kw_only=True)
@@ -82,48 +111,80 @@ class StepRecord:
     mfu: float | None
     batch_hash: int
     world_size: int
+    tokens_seen: int = 0  # after this step
     data_share: float = 0.0  # share of the step spent reading and copying batches on the host
     peak_memory_gib: float | None = None  # device memory, CUDA only
     warmup: bool = False  # the first steps after a (re)start: compilation and caches, not throughput
 
 
+class WriteGate(Protocol):
+    """Whether this process may write the run's records now (gpt2.checkpoint.lease.Lease)."""
+
+    def may_write(self) -> bool: ...
+
+    @property
+    def superseded(self) -> bool: ...
+
+
 class MetricsLogger:
     """Every output channel of a run's measurements: the console step line (through the `gpt2`
-    logger, gpt2.logs), `steps.jsonl` and TensorBoard.
+    logger, gpt2.logs), `steps.jsonl`, the attempt ledger and TensorBoard.
 
     A no-op off rank 0 (`enabled=False`). `steps.jsonl` holds one JSON line per step at full
-    float precision; after a restart a step may appear twice and the last line counts.
+    float precision, tagged with its attempt; `current_steps` reads the current trajectory back.
     TensorBoard's `purge_step` drops events of a previous attempt at or after the resume step,
-    so curves never double back.
+    so curves never double back. With a `gate` (the run's lease) the records are written only while
+    it allows: held back while the lease is unconfirmed, dropped once it is lost.
     """
 
     def __init__(self, log_dir: str, enabled: bool, max_steps: int, log_every: int = 1,
-                 purge_step: int | None = None):
-        self.enabled, self.max_steps, self.log_every = enabled, max_steps, log_every
+                 purge_step: int | None = None, gate: WriteGate | None = None):
+        self.enabled, self.max_steps, self.log_every, self.gate = enabled, max_steps, log_every, gate
         self.writer = None
         self.steps_path: Path | None = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             ensure_directory(log_dir, what="logging.dir")
-            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step or None)
-            self.steps_path = Path(log_dir) / "steps.jsonl"
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+            self.steps_path = Path(log_dir) / STEPS_FILE
         self.attempts_path = Path(log_dir) / ATTEMPTS_FILE
         self.attempt: int | None = None
+        self._held: list[Callable[[], None]] = []
+
+    def _persist(self, write: Callable[[], None]) -> None:
+        """Write now if the gate allows, else hold back (until it does) or drop (superseded)."""
+        gate = self.gate
+        if gate is not None and gate.superseded:
+            self._held.clear()
+            return
+        if gate is not None and not gate.may_write():
+            if not self._held:
+                log.warning("the run's lease is unconfirmed: holding back step records until it is renewed")
+            self._held.append(write)
+            return
+        held, self._held = self._held, []
+        for w in (*held, write):
+            w()
 
     def step(self, r: StepRecord) -> None:
         """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""
         if not self.enabled:
             return
-        with open(self.steps_path, "a") as f:  # type: ignore[arg-type]
-            f.write(json.dumps(r.__dict__) + "\n")
-        self.scalars(r.step, {
-            "train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
-            "perf/step_time_ms": r.step_time_ms, "perf/data_share": r.data_share,
-            "perf/peak_memory_gib": r.peak_memory_gib,
-        })
-        if not r.warmup:  # throughput without the compile/warm-up steps, which would dwarf the curve
-            self.scalars(r.step, {"perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu})
+        line = json.dumps({**r.__dict__, "attempt": self.attempt}) + "\n"
+
+        def write() -> None:
+            with open(self.steps_path, "a") as f:  # type: ignore[arg-type]
+                f.write(line)
+            self._scalars(r.step, {
+                "train/loss": r.loss, "train/lr": r.lr, "train/grad_norm": r.grad_norm,
+                "perf/step_time_ms": r.step_time_ms, "perf/data_share": r.data_share,
+                "perf/peak_memory_gib": r.peak_memory_gib,
+            })
+            if not r.warmup:  # throughput without the compile/warm-up steps, which would dwarf the curve
+                self._scalars(r.step, {"perf/tokens_per_sec": r.tokens_per_sec, "perf/mfu": r.mfu})
+
+        self._persist(write)
         if r.step % self.log_every == 0 or r.step == self.max_steps - 1:
             util = f"MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "MFU n/a"
             log.info(f"step {r.step:6d}/{self.max_steps} | loss {r.loss:.6f} | lr {r.lr:.3e} | "
@@ -137,46 +198,60 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        metrics = {"val/loss": float("nan"), "eval/hellaswag_acc_norm": float("nan")}  # values: the scalars
-        for summary in hparams_summary(hparams, metrics):
-            self.writer.file_writer.add_summary(summary)
-        self.writer.add_custom_scalars({"loss": {"train and val loss": ["Multiline", ["train/loss", "val/loss"]]}})
-        self.scalars(step, {"train/micro_batch": micro_batch, "train/grad_accum": accum})
+        def write() -> None:
+            metrics = {"val/loss": float("nan"), "eval/hellaswag_acc_norm": float("nan")}  # values: the scalars
+            for summary in hparams_summary(hparams, metrics):
+                self.writer.file_writer.add_summary(summary)  # type: ignore[union-attr]
+            self.writer.add_custom_scalars(  # type: ignore[union-attr]
+                {"loss": {"train and val loss": ["Multiline", ["train/loss", "val/loss"]]}})
+            self._scalars(step, {"train/micro_batch": micro_batch, "train/grad_accum": accum})
 
-    def attempt_started(self, step: int, record: dict) -> None:
+        self._persist(write)
+
+    def attempt_started(self, step: int, record: dict, previous_end: str | None = None) -> None:
         """The attempt ledger (`attempts.jsonl`, and TensorBoard text): a start record, after an end
-        record for the previous attempt if it left none (it was killed)."""
+        record for the previous attempt if it left none: `previous_end` says why (the lease knows
+        whom this start superseded), else it was killed."""
         if not self.enabled:
             return
         previous = read_attempts(self.attempts_path.read_text()) if self.attempts_path.exists() else []
         starts = [r for r in previous if r.get("event") == "start"]
         ended = {r.get("attempt") for r in previous if r.get("event") == "end"}
+        self.attempt = len(starts) + 1
         if starts and starts[-1]["attempt"] not in ended:
             last = starts[-1]["attempt"]
-            log.warning(f"attempt {last} of this run (started {starts[-1].get('time_text', '?')}) {KILLED}")
+            reason = f"superseded by attempt {self.attempt}: {previous_end}" if previous_end else KILLED
+            log.warning(f"attempt {last} of this run (started {starts[-1].get('time_text', '?')}) left no end record: "
+                        f"{reason}")
             self._append({"event": "end", "attempt": last, "time": time.time(), "exit_code": None,
-                          "reason": KILLED, "inferred": True})
-        self.attempt = len(starts) + 1
+                          "reason": reason, "inferred": True})
         self._append({"event": "start", "attempt": self.attempt, "time": time.time(),
                       "time_text": time.strftime("%Y-%m-%d %H:%M:%S"), **record})
         self.text("attempts", f"attempt {self.attempt} started: {json.dumps(record)}", step)
 
     def attempt_ended(self, step: int, exit_code: int, reason: str) -> None:
-        """How this attempt ended: its exit code and why."""
+        """How this attempt ended: its exit code and why (not written by a superseded trainer)."""
         if not self.enabled or self.attempt is None:
             return
         self._append({"event": "end", "attempt": self.attempt, "time": time.time(), "step": step,
                       "exit_code": exit_code, "reason": reason})
         self.text("attempts", f"attempt {self.attempt} ended at step {step}: exit {exit_code}, {reason}", step)
-        if self.writer is not None:
-            self.writer.flush()
+        self._persist(lambda: self.writer.flush() if self.writer is not None else None)
         self.attempt = None
 
     def _append(self, record: dict) -> None:
-        with open(self.attempts_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+
+        def write() -> None:
+            with open(self.attempts_path, "a") as f:
+                f.write(line)
+
+        self._persist(write)
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        self._persist(lambda: self._scalars(step, values))
+
+    def _scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:
             return
         for tag, value in values.items():
@@ -185,9 +260,13 @@ class MetricsLogger:
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+            self._persist(lambda: self.writer.add_text(tag, text, step))  # type: ignore[union-attr]
 
     def close(self) -> None:
+        if self._held:
+            log.warning(f"{len(self._held)} step records held back (the run's lease was never confirmed again) "
+                        "are not written")
+            self._held.clear()
         if self.writer is not None:
             self.writer.close()
             self.writer = None

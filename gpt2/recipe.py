@@ -71,7 +71,8 @@ class Continuation:
 
 def continuation(meta: dict[str, Any] | None, cfg: Config, data: str | None) -> Continuation:
     """Compare the checkpoint's recipe (its marker `meta`) with `cfg`; ConfigError for a change
-    that would move the data position, unless allowed."""
+    that would move the data position, unless allowed. `data` None: the corpus is not prepared
+    yet and is compared once it is."""
     if meta is None:
         return Continuation()
     old, new = _recorded(meta), recipe_of(cfg, data, None)
@@ -79,7 +80,8 @@ def continuation(meta: dict[str, Any] | None, cfg: Config, data: str | None) -> 
     position = meta.get("data_position", {})
     origin = tuple(position.get("origin", (0, 0)))
     phase = tuple(old["lr_phase"]) if old.get("lr_phase") else None
-    differs = {k for k in (*DATA_KEYS, *SCHEDULE_KEYS) if old.get(k) is not None and old.get(k) != new[k]}
+    differs = {k for k in (*DATA_KEYS, *SCHEDULE_KEYS) if old.get(k) is not None and new[k] is not None
+               and old.get(k) != new[k]}
     _refuse_data_changes(differs, old, new, cfg, step)
     if "total_batch_tokens" in differs:  # allowed: continue by tokens seen
         rows_before = origin[1] + (step - origin[0]) * (old["total_batch_tokens"] // old["seq_len"])

@@ -104,3 +104,61 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     atomic_write(fs, path, lambda f: f.write(data))
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists: True if this call created it, False if the
+    file was there (someone else created it first). Readers see nothing or the whole file.
+
+    Locally (and on NFS) a complete temporary sibling is hard-linked to `path`, which fails if it
+    exists; elsewhere a conditional PUT (`If-None-Match: *`). Only use the latter on a store that
+    `supports_exclusive_create`. A create whose answer was lost (a timeout, then the retry finds
+    the file) counts as ours when the file holds our bytes.
+    """
+    if is_local(fs):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except Exception as err:
+        try:
+            existing = fs.cat_file(path)
+        except FileNotFoundError:
+            raise err from None  # the create itself failed: the caller retries
+        return existing == data
+
+
+def supports_exclusive_create(fs: fsspec.AbstractFileSystem, directory: str) -> bool:
+    """Whether `create_exclusive` really is exclusive on this store: a probe object is created
+    twice; a store that ignores the condition (some S3-compatible servers) lets the second through."""
+    if is_local(fs):
+        return True
+    probe = join(directory, f".exclusive-probe-{uuid.uuid4().hex}")
+    try:
+        first = create_exclusive(fs, probe, b"first")
+        second = create_exclusive(fs, probe, b"second")
+    except Exception as err:  # e.g. a back-end without mode="create"
+        log.debug("exclusive create probe failed: %s", err)
+        return False
+    finally:
+        try:
+            fs.rm(probe)
+        except Exception:
+            pass
+    return first and not second

@@ -21,11 +21,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import distributed, logs
-from gpt2.checkpoint import Checkpointer, ResumePoint, find_resume_point
-from gpt2.checkpoint.lease import Lease
+from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, plan_resume
+from gpt2.checkpoint.lease import Lease, submission_of
 from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
-from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, exit_code
+from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, LeaseHeld, exit_code
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.microbatch import choose_micro_batch
@@ -80,12 +80,16 @@ class StartUp:
     """What the start-up decided, for the Trainer to build on."""
 
     micro_batch: int
-    resume: ResumePoint | None = None
+    plan: ResumePlan | None = None  # what it resumes from, and which lineage it trains
     lease: Lease | None = None  # rank 0's hold on the run
     data: str | None = None  # identity of the train stream (gpt2.recipe.data_identity)
     continuation: Continuation = field(default_factory=Continuation)
     notes: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
+
+    @property
+    def resume(self) -> ResumePoint | None:
+        return self.plan.point if self.plan else None
 
 
 class Trainer:
@@ -97,26 +101,38 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: Config, dist: distributed.Dist, watchdog: Watchdog | None = None) -> Trainer:
-        """Everything between a parsed config and the first step."""
+        """Everything between a parsed config and the first step. What can refuse the start (the
+        config, the checkpoint, the recipe, the data) is checked before the lease is taken, so a
+        refused start disturbs nothing; only the lease holder then moves checkpoints aside, records
+        a new lineage, prepares data and writes the ledger."""
         n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
         if n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but model.vocab_size is "
                               f"{cfg.model.vocab_size}")
-        lease = take_lease(cfg.checkpoint) if dist.is_main else None
+        plan = plan_resume(cfg.checkpoint, dist.is_main, submission_of(dict(os.environ)))
+        micro_batch, notes = cfg.train.micro_batch, []
+        if micro_batch == "auto":
+            micro_batch, why = choose_micro_batch(cfg, dist, plan.point)
+            notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
+        t = cfg.train  # a batch that cannot be split fails before any work
+        grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
+        if not cfg.data.auto_prepare:
+            ensure_data(cfg, dist.is_main)  # waits for another job's data, or returns
+        data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+        meta = plan.point.meta if plan.point else None
+        going_on = continuation(meta, cfg, data)  # the recipe check (the corpus once it is prepared)
+        lease = take_lease(cfg.checkpoint, dist.is_main)
         try:
-            resume = find_resume_point(cfg.checkpoint, dist.is_main)
-            micro_batch, notes = cfg.train.micro_batch, []
-            if micro_batch == "auto":
-                micro_batch, why = choose_micro_batch(cfg, dist, resume)
-                notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
-            t = cfg.train  # a batch that cannot be split fails before any work
-            grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
-            ensure_data(cfg, dist.is_main)
+            if dist.is_main:
+                apply_plan(cfg.checkpoint, plan, lease.fence if lease else lambda: None)
+            if cfg.data.auto_prepare:
+                ensure_data(cfg, dist.is_main)
             distributed.barrier()
-            data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+            if data is None:
+                data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+                going_on = continuation(meta, cfg, data)
             hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))
-            start = StartUp(micro_batch, resume, lease, data, continuation(resume.meta if resume else None, cfg, data),
-                            notes, hosts)  # type: ignore[arg-type]
+            start = StartUp(micro_batch, plan, lease, data, going_on, notes, hosts)  # type: ignore[arg-type]
             return cls(cfg, dist, start, watchdog)
         except BaseException:
             if lease is not None:
@@ -150,13 +166,15 @@ class Trainer:
         self.progress = Progress()
         self.checkpointer = Checkpointer(
             cfg.checkpoint, is_writer=dist.is_main, describe=self.describe, lease=self.lease,
+            lineage=start.plan.lineage if start.plan else None, pinned=start.resume.step if start.resume else None,
             parts={"model": self.raw_model, "optimizer": self.optimizer, "progress": self.progress, "rng": RNGState()})
         if start.resume is not None:
             self.checkpointer.restore(start.resume)
-        # a resume drops the events a failed attempt logged after its checkpoint; a finished run keeps all
+        # a (re)start drops the events logged at or after the step it starts from (a failed attempt's
+        # steps after its checkpoint, an abandoned branch, a start-over's predecessor); a finished run keeps all
         purge = self.progress.step if self.progress.step < cfg.train.max_steps else None
         self.metrics = MetricsLogger(cfg.logging.dir, dist.is_main, cfg.train.max_steps, cfg.train.log_every,
-                                     purge_step=purge)
+                                     purge_step=purge, gate=self.lease)
         self.evaluator = Evaluator(cfg, dist, self.model, self.raw_model, self.val_loader, self.autocast,
                                    self.metrics)
         self.preemption = PreemptionFlag()
@@ -176,18 +194,23 @@ class Trainer:
                     else "MFU unknown (no known peak FLOP/s for this device)"))
         log.info(f"resumed from {start.resume.url} at step {self.progress.step}" if start.resume
                  else f"no checkpoint under {cfg.checkpoint.dir}: starting from scratch")
+        lease, plan = self.lease, start.plan
         for note in start.notes:
             log.info(note)
         for warning in start.continuation.warnings:
             log.warning(warning)
         m, o, t = cfg.model, cfg.optim, cfg.train
+        took_over = lease.took_over if lease else None
         self.metrics.attempt_started(self.progress.step, {
-            "hosts": start.hosts, "world_size": dist.world_size, "job_id": self.lease.owner.job_id if self.lease
-            else None, "pid": os.getpid(), "micro_batch": self.micro_batch, "resumed_from_step": self.progress.step
-            if start.resume else None, "checkpoint": start.resume.url if start.resume else None,
+            "hosts": start.hosts, "world_size": dist.world_size, "job_id": lease.owner.submission if lease else None,
+            "pid": os.getpid(), "generation": lease.generation if lease else None,
+            "micro_batch": self.micro_batch, "resumed_from_step": self.progress.step if start.resume else None,
+            "checkpoint": start.resume.url if start.resume else None,
+            "lineage": plan.lineage.id if plan else None, "began": plan.begins if plan else None,
             "checkpoint_dir": cfg.checkpoint.dir if "://" in cfg.checkpoint.dir
             else os.path.abspath(cfg.checkpoint.dir),
-            "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens})
+            "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens},
+            previous_end=None if took_over is None or took_over.gone or took_over.previous is None else took_over.why)
         self.metrics.start(self.progress.step, {
             "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
             "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,
@@ -200,7 +223,7 @@ class Trainer:
     def describe(self, step: int) -> dict[str, Any]:
         """What a checkpoint's commit marker says about it (`gpt2.checkpoint inspect` shows it)."""
         return {
-            "tokens_seen": step * self.cfg.train.total_batch_tokens,
+            "tokens_seen": self.tokens_seen(step),
             "world_size": self.dist.world_size,
             "micro_batch": self.micro_batch,
             "data_position": {"next_step": step, "rows_per_step": self.train_loader.layout.rows_per_step,
@@ -211,6 +234,10 @@ class Trainer:
             "sample_seed": self.cfg.train.seed,
             "config": to_dict(self.cfg, redact=True),
         }
+
+    def tokens_seen(self, step: int) -> int:
+        """Tokens trained on before `step` (the batch may have changed on the way: train.allow_batch_change)."""
+        return self.train_loader.layout.rows_before(step) * self.cfg.train.seq_len
 
     def fit(self) -> int:
         """Train from the resumed step to train.max_steps, or to a stop; returns the exit code."""
@@ -257,13 +284,10 @@ class Trainer:
         return EXIT_OK
 
     def record_end(self, code: int, reason: str) -> None:
-        """The end of this attempt in the ledger, unless another attempt took the run over."""
-        if self.lease is not None:
-            try:
-                self.lease.verify()
-            except Gpt2Error:
-                return  # superseded (or the lease cannot be read): not ours to write
-        self.metrics.attempt_ended(self.progress.step, code, reason)
+        """The end of this attempt in the ledger, unless another attempt took the run over (then
+        that one records it)."""
+        if self.lease is None or not self.lease.superseded:
+            self.metrics.attempt_ended(self.progress.step, code, reason)
 
     def warm_up(self) -> None:
         """Compile the training step before the first collective: a forward and backward of a batch of
@@ -288,7 +312,8 @@ class Trainer:
             step=step, loss=loss, lr=lr_at(step, self.cfg.optim, self.cfg.train.max_steps, self.lr_phase),
             grad_norm=float(out.grad_norm), step_time_ms=dt * 1000, tokens_per_sec=tokens_per_sec,
             mfu=mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.dist.world_size),
-            batch_hash=batch_hash, world_size=self.dist.world_size, data_share=out.data_seconds / dt,
+            batch_hash=batch_hash, world_size=self.dist.world_size, tokens_seen=self.tokens_seen(step + 1),
+            data_share=out.data_seconds / dt,
             peak_memory_gib=peak, warmup=warmup)
 
     def train_step(self, step: int) -> StepOutput:
@@ -336,13 +361,24 @@ class Trainer:
             self.lease.release()
 
 
-def take_lease(cfg: CheckpointConfig) -> Lease | None:
-    """Rank 0's lease on the run (None with checkpoint.lease_ttl_s=0); LeaseHeld if another trainer has it."""
-    if not cfg.lease_ttl_s:
-        return None
-    ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
-    with phase("taking the run's lease", ceiling=True):
-        return Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries).acquire(cfg.take_over)
+def take_lease(cfg: CheckpointConfig, is_main: bool) -> Lease | None:
+    """Rank 0's lease on the run (None elsewhere, and with checkpoint.lease_ttl_s=0); every rank
+    raises LeaseHeld if another trainer has it."""
+    lease, refused = None, None
+    if is_main and cfg.lease_ttl_s:
+        ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
+        with phase("taking the run's lease", ceiling=True):
+            try:
+                lease = Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries,
+                              wait_s=cfg.lease_wait_s).acquire(cfg.take_over)
+            except LeaseHeld as err:
+                refused = err
+    refused_text = distributed.broadcast_object(str(refused) if refused else None)
+    if refused is not None:
+        raise refused
+    if refused_text:
+        raise LeaseHeld(str(refused_text))
+    return lease
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,19 +1,21 @@
-"""The checkpoint policy of a run: what to resume from, when to save, async saves, which failures
-are fatal. `CheckpointStore` (gpt2.checkpoint.store) does the storage."""
+"""The checkpoint policy of a run: what to resume from and which lineage it continues, when to
+save, async saves, fencing, which failures are fatal. `CheckpointStore` (gpt2.checkpoint.store) does
+the storage, `Lease` (gpt2.checkpoint.lease) says who may write, `Lineage` which checkpoints belong."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from gpt2 import distributed
 from gpt2.checkpoint.lease import Lease
-from gpt2.checkpoint.store import CheckpointStore, load_checkpoint
+from gpt2.checkpoint.lineage import Lineage, read_lineage, write_lineage
+from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
 from gpt2.errors import CheckpointError, LeaseLost
 from gpt2.storage import ensure_directory
@@ -37,26 +39,116 @@ class ResumePoint:
     meta: dict[str, Any]
     state: dict[str, Any] | None = None
 
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+
+@dataclass
+class ResumePlan:
+    """What a start resumes from, which lineage it trains, and what it moves aside: decided before
+    the lease is taken, without writing anything (`plan_resume`), done after it (`apply_plan`)."""
+
+    point: ResumePoint | None
+    lineage: Lineage
+    begins: str | None = None  # why a new lineage begins here (a rollback, a start-over, a first start)
+    move_aside: list[tuple[str, str]] = field(default_factory=list)  # (url, "corrupt" | "abandoned")
+
 
 def find_resume_point(cfg: CheckpointConfig, is_writer: bool) -> ResumePoint | None:
-    """What a resume would load, per `checkpoint.resume`: the one answer, used by every start-up step
-    that depends on it (the micro-batch choice) and by the resume itself. The writer picks (newest
-    loadable, moving corrupt ones aside) and tells the other ranks; None: start from scratch."""
+    """What a resume would load, per `checkpoint.resume` (see `plan_resume`)."""
+    return plan_resume(cfg, is_writer).point
+
+
+def plan_resume(cfg: CheckpointConfig, is_writer: bool, submission: str | None = None) -> ResumePlan:
+    """The one answer to "what would a resume load", used by every start-up step that depends on
+    it (the micro-batch choice) and by the resume itself. The writer decides (reading only) and tells
+    the other ranks, who get the point's URL and marker."""
     with phase("checkpoint load", ceiling=True):
-        point = _pick(cfg) if is_writer else None
-        shared = distributed.broadcast_object((point.url, point.meta) if point else None)
-    if shared is None:
-        return None
-    return point or ResumePoint(*shared)  # type: ignore[misc]
+        plan = _plan(cfg, submission) if is_writer else None
+        shared = distributed.broadcast_object(
+            (plan.point.url, plan.point.meta) if plan and plan.point else None)
+    if plan is not None:
+        return plan
+    return ResumePlan(ResumePoint(*shared) if shared else None, Lineage("?"))  # type: ignore[misc]
 
 
-def _pick(cfg: CheckpointConfig) -> ResumePoint | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume != "auto":
-        return ResumePoint(cfg.resume, *load_checkpoint(cfg.resume, cfg.storage_options, cfg.retries))
-    found = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries).newest_loadable()
-    return ResumePoint(*found) if found else None
+def _plan(cfg: CheckpointConfig, submission: str | None) -> ResumePlan:
+    store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries)
+    current = read_lineage(cfg.dir, cfg.storage_options, cfg.retries)
+    found, damaged = store.scan()
+    corrupt = [(url, "corrupt") for url in damaged]
+    if cfg.resume == "never" and not (current and current.began_by("never", submission)):
+        lineage = Lineage.new(request="never", by=submission)
+        return ResumePlan(None, lineage, "a start-over (checkpoint.resume=never)",
+                          [(c.url, "abandoned") for c in found] + corrupt)
+    if cfg.resume not in ("never", "auto") and not (current and current.began_by(_url(cfg.resume), submission)):
+        plan = _plan_rollback(cfg, _url(cfg.resume), found, submission)
+    else:
+        plan = _plan_auto(cfg, store, current, found, corrupt)
+    return plan
+
+
+def _url(path: str) -> str:
+    return path.rstrip("/")
+
+
+def _plan_rollback(cfg: CheckpointConfig, url: str, found: list[CheckpointInfo], submission: str | None
+                   ) -> ResumePlan:
+    """checkpoint.resume=PATH: a new lineage from that checkpoint; what the directory holds beyond
+    it, or off its lineage, is abandoned."""
+    meta, state = load_checkpoint(url, cfg.storage_options, cfg.retries)
+    step = int(meta.get("step", 0))
+    lineage = Lineage.new(step, parent=Lineage.of(meta), url=url, request=url, by=submission)
+    abandoned = [(c.url, "abandoned") for c in found if c.url.rstrip("/") != url and not lineage.owns(c.meta)]
+    return ResumePlan(ResumePoint(url, meta, state), lineage, f"a rollback to step {step} ({url})", abandoned)
+
+
+def _plan_auto(cfg: CheckpointConfig, store: CheckpointStore, current: Lineage | None,
+               found: list[CheckpointInfo], corrupt: list[tuple[str, str]]) -> ResumePlan:
+    """checkpoint.resume=auto: the newest loadable checkpoint of the current lineage (corrupt ones
+    are moved aside), else the checkpoint the lineage began from, else scratch."""
+    lineage = current or (Lineage.of(found[-1].meta) if found else None)
+    if lineage is None and not corrupt:
+        return ResumePlan(None, Lineage.new(), "a first start")
+    lineage = lineage or Lineage.new()
+    ours = [c for c in found if lineage.owns(c.meta)]
+    move = [(c.url, "abandoned") for c in found if not lineage.owns(c.meta)] + corrupt
+    for c in reversed(ours):
+        try:
+            return ResumePlan(ResumePoint(c.url, *store.load(c.url)), lineage, None, move)
+        except CheckpointError as err:
+            log.warning("checkpoint %s is corrupt (%s); it will be moved aside and the previous one tried", c.url, err)
+            move.append((c.url, "corrupt"))
+    if any(kind == "corrupt" for _, kind in move) or store.quarantined():
+        corrupt = [u for u, kind in move if kind == "corrupt"] + store.quarantined()
+        raise CheckpointError(
+            f"no loadable checkpoint under {store.url}: the ones there are corrupt ({', '.join(corrupt)}; moved "
+            "aside as step-N.corrupt-TIME when a start goes on). Training would start over from step 0; if that is "
+            "what you want, run with checkpoint.resume=never (or another checkpoint.dir); to resume from a copy, set "
+            "checkpoint.resume=PATH_TO_A_CHECKPOINT")
+    parent = lineage.began.get("from")
+    if parent:  # a lineage begun from a checkpoint elsewhere, with no checkpoint of its own yet
+        return ResumePlan(ResumePoint(parent, *load_checkpoint(parent, cfg.storage_options, cfg.retries)), lineage,
+                          None, move)
+    return ResumePlan(None, lineage, None, move)
+
+
+def apply_plan(cfg: CheckpointConfig, plan: ResumePlan, fence: Callable[[], None] = lambda: None) -> None:
+    """After the lease: move aside what the plan abandons or found corrupt, and record a new
+    lineage, saying what was done (the writer only)."""
+    store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries)
+    if plan.begins or plan.move_aside:
+        fence()
+    for url, kind in plan.move_aside:
+        moved = store.move_aside(url, kind, tag=Lineage.of(store.marker_of(url) or {}).id if kind == "abandoned"
+                                 else None)
+        log.warning(f"moved {url} aside to {moved}: " + (
+            "it is corrupt" if kind == "corrupt" else f"it is not part of the lineage this start trains "
+                                                      f"({plan.begins or 'written by another lineage'})"))
+    if plan.begins:
+        write_lineage(cfg.dir, plan.lineage, cfg.storage_options, cfg.retries)
+        log.info(f"{plan.begins}: {plan.lineage.describe()}")
 
 
 def to_cpu(obj: Any) -> Any:
@@ -86,20 +178,26 @@ class Checkpointer:
 
     The trainer calls `restore(point)` once when resuming, `step_end(step)` after every optimizer step (saves every
     `checkpoint.every` steps, async if configured; a failure is logged and the next save tries
-    again) and `save_final(step, why)` when it stops (blocking; a failure is fatal).
+    again) and `save_final(step, why)` when it stops (blocking; a failure is fatal). Every save is
+    fenced by the lease (`Lease.fence`) right before its commit marker and before pruning; a
+    superseded writer's save in flight is abandoned, never committed or waited for.
     """
 
     def __init__(self, cfg: CheckpointConfig, parts: dict[str, Stateful],
-                 describe: Callable[[int], dict[str, Any]], is_writer: bool = True, lease: Lease | None = None):
+                 describe: Callable[[int], dict[str, Any]], is_writer: bool = True, lease: Lease | None = None,
+                 lineage: Lineage | None = None, pinned: int | None = None):
         self.cfg, self.parts, self.describe, self.is_writer, self.lease = cfg, parts, describe, is_writer, lease
+        self.lineage = lineage or Lineage.new()
+        self.pinned = [] if pinned is None else [pinned]  # the step resumed from: never pruned by this attempt
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
+        self.writer = lease.tag if lease is not None else None
         if is_writer:
             ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def restore(self, point: ResumePoint) -> None:
-        """Load the checkpoint at `point` (`find_resume_point`) into the parts, on every rank."""
+        """Load the checkpoint at `point` (`plan_resume`) into the parts, on every rank."""
         with phase("checkpoint load", ceiling=True):
             state = point.state if point.state is not None else self.store.load(point.url)[1]
         for name, part in self.parts.items():
@@ -115,8 +213,8 @@ class Checkpointer:
         point.state = None  # the parts hold it now
 
     def check_lease(self) -> None:
-        """Per step: LeaseLost once another attempt took the run over (no storage access unless this
-        process was frozen; see gpt2.checkpoint.lease)."""
+        """Per step: LeaseLost once another attempt took the run over (no storage access; see
+        gpt2.checkpoint.lease)."""
         if self.lease is not None:
             self.lease.check()
 
@@ -138,6 +236,8 @@ class Checkpointer:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails."""
         try:
             self.wait()
+        except LeaseLost:
+            raise
         except Exception as err:  # this save supersedes the failed one
             log.error("CHECKPOINT SAVE FAILED: %s", err)
         with phase("checkpoint save", ceiling=True):
@@ -156,32 +256,50 @@ class Checkpointer:
         if not self.is_writer:
             return
         self.wait()
-        if self.lease is not None:
-            self.lease.verify()  # fencing: a superseded writer must not write
+        self._fence()  # a superseded writer does not even start
         state = {name: part.state_dict() for name, part in self.parts.items()}
         bad = non_finite(state)
         if bad:
             raise CheckpointError(f"not saving step {step}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
                                   "hold NaN or infinite values (a checkpoint must never carry a diverged model)")
         state = to_cpu(state)
-        meta = self.describe(step)
+        meta = dict(self.describe(step), lineage=self.lineage.record())
         if self.lease is not None:
             meta["writer"] = self.lease.describe()
         if blocking:
-            self.store.write(state, step, meta)
+            self._write(state, step, meta)
             return
         self._thread = threading.Thread(target=self._write_in_thread, args=(state, step, meta),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
 
+    def _fence(self) -> None:
+        if self.lease is not None:
+            self.lease.fence()
+
+    def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
+        try:
+            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
+                             pinned=self.pinned)
+        except LeaseLost:
+            log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
+            raise
+
     def _write_in_thread(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
         try:
-            self.store.write(state, step, meta)
+            self._write(state, step, meta)
         except BaseException as err:  # raised by wait()
             self._error = err
 
+    def _superseded(self) -> bool:
+        return self.lease is not None and self.lease.lost is not None
+
     def wait(self) -> None:
-        """Block until the save in flight (if any) is finished; raise its error."""
+        """Block until the save in flight (if any) is finished; raise its error. A superseded
+        writer does not wait: its save abandons itself at the fence."""
+        if self._superseded():
+            self._thread = None
+            raise LeaseLost(f"{self.lease.lost}; its save in flight is abandoned")  # type: ignore[union-attr]
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -192,5 +310,7 @@ class Checkpointer:
     def close(self) -> None:
         try:
             self.wait()
+        except LeaseLost:
+            pass
         except Exception as err:
             log.error("CHECKPOINT SAVE FAILED: %s", err)

@@ -2,13 +2,19 @@
 
 Layout under `checkpoint.dir`:
 
-    step-00000500/state.pt      one entry per part of the trainer (model, optimizer, progress, rng)
-    step-00000500/COMMITTED     JSON: step, tokens, world size, config, size and sha256 of state.pt
+    step-00000500/state-g3-1a2b3c4d.pt  one entry per part of the trainer (model, optimizer, progress, rng)
+    step-00000500/COMMITTED             JSON: step, tokens, world size, config, lineage, writer, the
+                                        state file's name, size and sha256
 
 `COMMITTED` is written last, so a directory without it is a save that did not finish: it is
-ignored by resume and deleted after the next successful save. DDP replicas are identical, so
-rank 0 writes one file; loading it needs no particular world size. Loads use
-`torch.load(weights_only=True)`, which unpickles no arbitrary objects, after checking the hash.
+ignored by resume and deleted after the next successful save. The state file is named after its
+writer (the lease generation and a token), so two writers never write the same file, and the
+marker says which file is the checkpoint; checkpoints from before name none and use `state.pt`.
+DDP replicas are identical, so rank 0 writes one file; loading it needs no particular world
+size. Loads use `torch.load(weights_only=True)`, which unpickles no arbitrary objects, after
+checking the hash. Checkpoints found corrupt, or abandoned by a rollback or start-over
+(gpt2.checkpoint.lineage), are moved aside (`step-N.corrupt-TIME`, `step-N.abandoned-LINEAGE`),
+never deleted.
 """
 
 from __future__ import annotations
@@ -19,22 +25,25 @@ import json
 import logging
 import re
 import time
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gpt2.checkpoint.lineage import Lineage
 from gpt2.errors import CheckpointError, StorageError
 from gpt2.storage import filesystem, join, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # the state file of checkpoints whose marker names none
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-# A checkpoint found corrupt is moved aside, never deleted: step-00000500.corrupt-1764000000
-_QUARANTINED = re.compile(r"^step-(\d{8})\.corrupt-\d+$")
-
+# Moved aside, never deleted: step-00000500.corrupt-1764000000, step-00000500.abandoned-0123456789ab
+_MOVED_ASIDE = re.compile(r"^step-(\d{8})\.(corrupt|abandoned)-[0-9a-z]+(-\d+)?$")
+_STATE = re.compile(r"^state(-[A-Za-z0-9-]+)?\.pt$")
 
 
 def step_dir_name(step: int) -> str:
@@ -75,16 +84,30 @@ class CheckpointStore:
     def _step_dirs(self) -> list[tuple[int, str]]:
         return self._entries(_STEP_DIR)
 
+    def moved_aside(self, kind: str | None = None) -> list[str]:
+        """Checkpoints moved aside (kind "corrupt" or "abandoned", or both), kept for inspection or
+        repair; never deleted by us."""
+        found = []
+        for _, path in self._entries(_MOVED_ASIDE):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if kind is None or _MOVED_ASIDE.match(name).group(2) == kind:  # type: ignore[union-attr]
+                found.append(self._url_of(path))
+        return found
+
     def quarantined(self) -> list[str]:
-        """Checkpoints moved aside as corrupt (kept for inspection or repair; never deleted by us)."""
-        return [self._url_of(path) for _, path in self._entries(_QUARANTINED)]
+        """Checkpoints moved aside as corrupt."""
+        return self.moved_aside("corrupt")
 
     def _url_of(self, path: str) -> str:
         return f"{self.url}/{path.rstrip('/').rsplit('/', 1)[-1]}"
 
     def complete(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first."""
-        out = []
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[CheckpointInfo], list[str]]:
+        """(committed checkpoints, oldest first; step directories whose marker is unreadable)."""
+        out, damaged = [], []
         for step, path in self._step_dirs():
             url = self._url_of(path)
             try:
@@ -92,72 +115,94 @@ class CheckpointStore:
             except CheckpointError as err:
                 if self.fs.exists(join(path, MARKER)):  # no marker: a save that did not finish, not worth a word
                     log.warning("ignoring %s: %s", url, err)
+                    damaged.append(url)
                 continue
             out.append(CheckpointInfo(step, url, meta))
-        return out
+        return out, damaged
 
-    def write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
-        """Write `state` as step `step`, commit it, then prune to the newest `keep`."""
-        t0 = time.time()
+    def write(self, state: dict[str, Any], step: int, meta: dict[str, Any], writer: str | None = None,
+              fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True,
+              pinned: Iterable[int] = ()) -> None:
+        """Write `state` as step `step` into a state file of this writer's own (`writer`: a name
+        part unique to it), commit it, then prune to the newest `keep` that `owns` (and `pinned`).
+        `fence()` runs right before the commit marker and before pruning: a writer that was
+        superseded raises there and its save is abandoned (its own state file removed)."""
+        t0 = time.monotonic()
+        writer = writer or uuid.uuid4().hex[:8]
         path = join(self.root, step_dir_name(step))
-        marker = join(path, MARKER)
-        if self.fs.exists(marker):
-            log.info("checkpoint %s already committed; not written again", self._url_of(path))
+        url, marker = self._url_of(path), join(path, MARKER)
+        existing = self.marker_of(url)
+        if existing is not None and existing.get("writer_tag") == writer:
+            log.info("checkpoint %s was already saved by this trainer", url)
             return
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
-        meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), saved_at=time.time())
+        state_file = f"state-{writer}.pt"
+        meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), state_file=state_file,
+                    writer_tag=writer, saved_at=time.time())
         r = self.retries
         with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r)
-        with_retries(lambda: write_bytes(self.fs, join(path, STATE_FILE), data), f"writing {path}/{STATE_FILE}", r)
-        # The commit marker goes last: only now is the checkpoint complete.
-        with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {path}", r)
-        log.info("saved checkpoint %s (%.1f MB in %.1fs)", self._url_of(path), len(data) / 1e6, time.time() - t0)
-        self._prune(keep_step=step)
+        with_retries(lambda: write_bytes(self.fs, join(path, state_file), data), f"writing {url}/{state_file}", r)
+        try:
+            fence()
+        except BaseException:
+            self._remove(join(path, state_file))
+            raise
+        if existing is not None:
+            log.warning("replacing checkpoint %s (written by %s, %s) with this trainer's", url,
+                        existing.get("writer", "an unknown writer"), Lineage.of(existing).describe())
+        # The commit marker goes last (an atomic replace): only now is the checkpoint complete.
+        with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {url}", r)
+        log.info("saved checkpoint %s (%.1f MB in %.1fs)", url, len(data) / 1e6, time.monotonic() - t0)
+        fence()
+        self._prune(keep_step=step, owns=owns, pinned=set(pinned))
 
-    def _prune(self, keep_step: int) -> None:
-        """Delete partial saves and all but the newest `keep` complete checkpoints."""
-        complete = {c.step for c in self.complete()}
-        keep = set(sorted(complete)[-self.keep:]) | {keep_step}
+    def marker_of(self, url: str) -> dict[str, Any] | None:
+        try:
+            return read_meta(url, self.storage_options, self.retries)
+        except CheckpointError:
+            return None
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path)
+        except Exception as err:  # best effort: pruning removes it later
+            log.debug("could not remove %s: %s", path, err)
+
+    def _prune(self, keep_step: int, owns: Callable[[dict[str, Any]], bool], pinned: set[int]) -> None:
+        """Delete partial saves and all but the newest `keep` complete checkpoints of the lineage
+        (`owns`); never `pinned` steps or checkpoints of another lineage (the next start moves those
+        aside). In the checkpoints kept, state files their marker does not name (an abandoned save)."""
+        complete = self.complete()
+        ours = [c for c in complete if owns(c.meta)]
+        keep = {c.step for c in ours[-self.keep:]} | {keep_step} | pinned
+        keep |= {c.step for c in complete if not owns(c.meta)}
+        named = {c.step: c.meta.get("state_file", STATE_FILE) for c in complete}
         for step, path in self._step_dirs():
             if step not in keep:
                 try:
                     with_retries(lambda p=path: self.fs.rm(p, recursive=True), f"deleting {path}", self.retries)
                 except (StorageError, OSError) as err:
                     log.warning("could not delete old checkpoint %s: %s", path, err)
+            elif step in named and step != keep_step:
+                for f in self.fs.ls(path, detail=False):
+                    name = f.rstrip("/").rsplit("/", 1)[-1]
+                    if _STATE.match(name) and name != named[step]:
+                        self._remove(f)
 
     def load(self, url: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(marker, state) of one checkpoint directory, the state verified against the marker."""
         return load_checkpoint(url, self.storage_options, self.retries)
 
-    def newest_loadable(self) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
-        """The newest checkpoint that loads. A corrupt one is moved aside (so that it neither counts
-        for keep-last-k nor blocks a new save at its step) and the previous one is tried. None when
-        there is no checkpoint; CheckpointError when there are only corrupt ones, now or from before:
-        starting over must be asked for (checkpoint.resume=never), never happen silently.
-        Returns (url, marker, state)."""
-        for _, path in reversed(self._step_dirs()):
-            if not self.fs.exists(join(path, MARKER)):
-                continue  # a save that did not finish
-            url = self._url_of(path)
-            try:
-                return (url, *self.load(url))
-            except CheckpointError as err:
-                moved = self.quarantine(path)
-                log.warning("checkpoint %s is corrupt (%s); moved it to %s and trying the previous one",
-                            url, err, moved)
-        if self.quarantined():
-            raise CheckpointError(
-                f"no loadable checkpoint under {self.url}: the ones there are corrupt and were moved aside "
-                f"({', '.join(self.quarantined())}). Training would start over from step 0; if that is what you "
-                "want, run with checkpoint.resume=never (or another checkpoint.dir); to resume from a copy, "
-                "set checkpoint.resume=PATH_TO_A_CHECKPOINT")
-        return None
-
-    def quarantine(self, path: str) -> str:
-        """Move a checkpoint directory aside as corrupt; returns its new URL."""
-        dest = f"{path}.corrupt-{int(time.time())}"
+    def move_aside(self, url: str, kind: str, tag: str | None = None) -> str:
+        """Move a checkpoint directory aside as `kind` ("corrupt" or "abandoned"); returns its new URL."""
+        path = join(self.root, url.rstrip("/").rsplit("/", 1)[-1])
+        dest = f"{path}.{kind}-{tag or int(time.time())}"
+        n = 0
+        while with_retries(lambda d=dest: self.fs.exists(d), f"checking {dest}", self.retries):
+            n += 1
+            dest = f"{path}.{kind}-{tag or int(time.time())}-{n}"
         with_retries(lambda: self.fs.mv(path, dest, recursive=True), f"moving {path} aside", self.retries)
         return self._url_of(dest)
 
@@ -173,22 +218,23 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
     if it does not match."""
     fs, path = filesystem(url, storage_options)
     meta = read_meta(url, storage_options, retries)
+    name = meta.get("state_file", STATE_FILE)
+    if not isinstance(name, str) or not _STATE.match(name):
+        raise CheckpointError(f"{url}/{MARKER} names no valid state file ({name!r}) (corrupt)")
     try:
-        data = with_retries(lambda: fs.cat_file(join(path, STATE_FILE)), f"reading {url}/{STATE_FILE}", retries)
+        data = with_retries(lambda: fs.cat_file(join(path, name)), f"reading {url}/{name}", retries)
     except FileNotFoundError:
-        raise CheckpointError(f"{url}/{STATE_FILE} is missing") from None
+        raise CheckpointError(f"{url}/{name} is missing") from None
     if len(data) != meta.get("bytes"):
-        raise CheckpointError(
-            f"{url}/{STATE_FILE} is {len(data)} bytes, its marker says {meta.get('bytes')} (truncated)"
-        )
+        raise CheckpointError(f"{url}/{name} is {len(data)} bytes, its marker says {meta.get('bytes')} (truncated)")
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise CheckpointError(f"{url}/{STATE_FILE} does not match the sha256 in its marker (corrupt)")
+        raise CheckpointError(f"{url}/{name} does not match the sha256 in its marker (corrupt)")
     try:
         return meta, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:
         # torch's message advises weights_only=False, i.e. running code from the file: never pass that on
         reason = str(err).splitlines()[0] if "weights_only" not in str(err) else "it holds objects other than tensors"
-        raise CheckpointError(f"{url}/{STATE_FILE} cannot be loaded safely: {reason}. Only checkpoints written "
+        raise CheckpointError(f"{url}/{name} cannot be loaded safely: {reason}. Only checkpoints written "
                               "by this trainer are loaded; do not load files from untrusted sources") from None
 
 
@@ -204,6 +250,12 @@ def read_meta(url: str, storage_options: dict[str, Any] | None = None, retries: 
     if not isinstance(meta, dict):
         raise CheckpointError(f"{url}/{MARKER} is not a JSON object (corrupt)")
     return meta
+
+
+def state_path(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The path of a checkpoint's state file, as its marker names it."""
+    fs, path = filesystem(url, storage_options)
+    return join(path, read_meta(url, storage_options).get("state_file", STATE_FILE))
 
 
 def resolve_checkpoint(url: str, storage_options: dict[str, Any] | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2.checkpoint import STATE_FILE, CheckpointStore, find_resume_point
+from gpt2.checkpoint import CheckpointStore, find_resume_point, state_path
 from gpt2.config import ConfigError, load_config
 from gpt2.distributed import Dist
 from gpt2.microbatch import choose_micro_batch, probe
@@ -67,7 +67,7 @@ def test_the_choice_follows_the_checkpoint_that_is_resumed_not_the_newest_marker
     store = CheckpointStore(str(tmp_path), keep=3)
     store.write({"progress": {"step": 4}}, 4, {"world_size": 8, "micro_batch": 6})
     store.write({"progress": {"step": 6}}, 6, {"world_size": 8, "micro_batch": 10})
-    with open(tmp_path / "step-00000006" / STATE_FILE, "r+b") as f:
+    with open(state_path(str(tmp_path / "step-00000006")), "r+b") as f:
         f.truncate(10)
     cfg = load_config("configs/gpt2-124m.yaml", [f"checkpoint.dir={tmp_path}"])
     resume = find_resume_point(cfg.checkpoint, is_writer=True)
