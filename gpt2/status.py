@@ -1,15 +1,16 @@
 """`python -m gpt2.status RUN_OR_LOG_DIR`: a run at a glance.
 
-Step and tokens, last and best val loss, HellaSwag, throughput and ETA, the newest checkpoint, and
-every attempt (start, hosts, world size, job, where it resumed, how it ended) from the run's
-`attempts.jsonl`. RUN_OR_LOG_DIR is the run's `logging.dir` or a directory above it holding
-`tensorboard/`; a local path or any fsspec URL.
+Step and tokens, last and best val loss, HellaSwag, throughput and ETA, the newest checkpoint of
+the current lineage, and every attempt (start, hosts, world size, job, where it resumed, how it
+ended) from the run's `attempts.jsonl`. Steps are those of the current trajectory
+(`gpt2.metrics.current_steps`): an abandoned branch or a superseded writer's records do not count.
+RUN_OR_LOG_DIR is the run's `logging.dir` or a directory above it holding `tensorboard/`; a local
+path or any fsspec URL.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -19,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpt2 import logs
-from gpt2.checkpoint import CheckpointStore
+from gpt2.checkpoint import CheckpointStore, read_lineage
 from gpt2.errors import Gpt2Error, StatusError, exit_code
-from gpt2.metrics import ATTEMPTS_FILE, read_attempts
+from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_steps, read_attempts
 from gpt2.storage import filesystem, join
 
 log = logging.getLogger("gpt2.status")  # also when run as __main__
-
-STEPS_FILE = "steps.jsonl"
 
 
 @dataclass
@@ -55,14 +54,8 @@ def read_run(log_dir: str) -> Run:
         p = join(path, name)
         return fs.cat_file(p).decode() if fs.exists(p) else ""
 
-    steps: dict[int, dict[str, Any]] = {}
-    for line in text(STEPS_FILE).splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        steps[r["step"]] = r  # a restart may log a step twice: the last counts
-    return Run(log_dir, steps, read_attempts(text(ATTEMPTS_FILE)), read_scalars(log_dir))
+    attempts = read_attempts(text(ATTEMPTS_FILE))
+    return Run(log_dir, current_steps(text(STEPS_FILE), attempts), attempts, read_scalars(log_dir))
 
 
 def read_scalars(log_dir: str, tags: tuple[str, ...] = ("val/loss", "eval/hellaswag_acc_norm")
@@ -91,8 +84,9 @@ def summary(run: Run, now: float | None = None) -> str:
     lines = [f"run {run.log_dir}"]
     done = max(run.steps) + 1 if run.steps else 0
     step_line = f"step {done:,}" + (f" of {max_steps:,} ({100 * done / max_steps:.1f}%)" if max_steps else "")
-    if batch:
-        step_line += f", {done * batch:,} tokens"
+    tokens = run.steps[done - 1].get("tokens_seen") if run.steps else None
+    if tokens or batch:
+        step_line += f", {tokens or done * batch:,} tokens"
     lines.append(step_line)
     recent = [r for s, r in sorted(run.steps.items())[-50:] if not r.get("warmup")]
     if recent:
@@ -116,17 +110,24 @@ def summary(run: Run, now: float | None = None) -> str:
 
 
 def _newest_checkpoint(directory: str | None) -> str:
+    """The newest checkpoint of the current lineage, and the lineage."""
     if not directory:
         return "checkpoints: unknown (no attempt recorded)"
     try:
-        found = CheckpointStore(directory).complete()
+        store = CheckpointStore(directory)
+        found, lineage, aside = store.complete(), read_lineage(directory), store.moved_aside()
     except (Gpt2Error, OSError) as err:
         return f"checkpoints: {directory} cannot be read ({err})"
+    if lineage is not None:
+        found = [c for c in found if lineage.owns(c.meta)]
+    lines = [] if lineage is None else [lineage.describe()]
+    if aside:
+        lines.append(f"moved aside: {len(aside)} ({', '.join(u.rsplit('/', 1)[-1] for u in aside[-4:])})")
     if not found:
-        return f"checkpoints: none yet in {directory}"
+        return "\n".join([f"checkpoints: none yet in {directory}", *lines])
     c = found[-1]
     age = _duration(time.time() - c.meta.get("saved_at", time.time()))
-    return f"newest checkpoint: {c.url} (step {c.step}, saved {age} ago; {len(found)} kept)"
+    return "\n".join([f"newest checkpoint: {c.url} (step {c.step}, saved {age} ago; {len(found)} kept)", *lines])
 
 
 def attempts_table(attempts: list[dict[str, Any]], now: float) -> list[str]:
@@ -147,9 +148,11 @@ def attempts_table(attempts: list[dict[str, Any]], now: float) -> list[str]:
             if end.get("step") is not None:
                 outcome = f"step {end['step']}, {outcome}"
         resumed = a.get("resumed_from_step")
+        began = a.get("began") or ""
+        kind = next((f" ({k})" for k in ("rollback", "start-over") if began.startswith(f"a {k}")), "")
         rows.append((str(a["attempt"]), a.get("time_text", "?"), ",".join(a.get("hosts") or []) or "?",
                      str(a.get("world_size", "?")), str(a.get("job_id") or "-"), str(a.get("micro_batch", "?")),
-                     "scratch" if resumed is None else f"step {resumed}", ran, outcome))
+                     ("scratch" if resumed is None else f"step {resumed}") + kind, ran, outcome))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
 

@@ -166,7 +166,7 @@ class Trainer:
         self.progress = Progress()
         self.checkpointer = Checkpointer(
             cfg.checkpoint, is_writer=dist.is_main, describe=self.describe, lease=self.lease,
-            lineage=start.plan.lineage if start.plan else None, pinned=start.resume.step if start.resume else None,
+            lineage=start.plan.lineage if start.plan else None,
             parts={"model": self.raw_model, "optimizer": self.optimizer, "progress": self.progress, "rng": RNGState()})
         if start.resume is not None:
             self.checkpointer.restore(start.resume)

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from gpt2 import logs
+from gpt2.checkpoint.lineage import Lineage, read_lineage
 from gpt2.checkpoint.store import CheckpointStore, read_meta, resolve_checkpoint
 from gpt2.checkpoint.weights import model_from_checkpoint
 from gpt2.errors import Gpt2Error, exit_code
@@ -32,12 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup()
     try:
         if args.command == "list":
-            found = CheckpointStore(args.url).complete()
-            if not found:
-                print(f"no complete checkpoints under {args.url}")
-            for c in found:
-                print(f"{c.url}  step {c.step}  tokens {c.meta.get('tokens_seen', '?'):,}  "
-                      f"world {c.meta.get('world_size', '?')}  {c.meta.get('bytes', 0) / 1e6:.1f} MB")
+            list_checkpoints(args.url)
         elif args.command == "inspect":
             url = resolve_checkpoint(args.url)
             meta = read_meta(url)
@@ -54,6 +50,23 @@ def main(argv: list[str] | None = None) -> None:
     except Gpt2Error as err:
         log.error("%s", err)
         sys.exit(exit_code(err))
+
+
+def list_checkpoints(url: str) -> None:
+    """The complete checkpoints, those of the current lineage first; then what was moved aside."""
+    store = CheckpointStore(url)
+    found, current = store.complete(), read_lineage(url)
+    if current is not None:
+        print(f"current {current.describe()}")
+    if not found:
+        print(f"no complete checkpoints under {url}")
+    for c in found:
+        other = current is not None and not current.owns(c.meta)
+        print(f"{c.url}  step {c.step}  tokens {c.meta.get('tokens_seen', '?'):,}  "
+              f"world {c.meta.get('world_size', '?')}  {c.meta.get('bytes', 0) / 1e6:.1f} MB  "
+              f"lineage {Lineage.of(c.meta).id}" + ("  (not of the current lineage)" if other else ""))
+    for moved in store.moved_aside():
+        print(f"{moved}  moved aside ({moved.rsplit('.', 1)[-1].split('-')[0]})")
 
 
 if __name__ == "__main__":

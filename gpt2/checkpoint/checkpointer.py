@@ -185,10 +185,9 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, parts: dict[str, Stateful],
                  describe: Callable[[int], dict[str, Any]], is_writer: bool = True, lease: Lease | None = None,
-                 lineage: Lineage | None = None, pinned: int | None = None):
+                 lineage: Lineage | None = None):
         self.cfg, self.parts, self.describe, self.is_writer, self.lease = cfg, parts, describe, is_writer, lease
         self.lineage = lineage or Lineage.new()
-        self.pinned = [] if pinned is None else [pinned]  # the step resumed from: never pruned by this attempt
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
         self.writer = lease.tag if lease is not None else None
         if is_writer:
@@ -279,8 +278,7 @@ class Checkpointer:
 
     def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
         try:
-            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
-                             pinned=self.pinned)
+            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns)
         except LeaseLost:
             log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
             raise

@@ -26,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,10 +121,10 @@ class CheckpointStore:
         return out, damaged
 
     def write(self, state: dict[str, Any], step: int, meta: dict[str, Any], writer: str | None = None,
-              fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True,
-              pinned: Iterable[int] = ()) -> None:
+              fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True
+              ) -> None:
         """Write `state` as step `step` into a state file of this writer's own (`writer`: a name
-        part unique to it), commit it, then prune to the newest `keep` that `owns` (and `pinned`).
+        part unique to it), commit it, then prune to the newest `keep` of the lineage (`owns`).
         `fence()` runs right before the commit marker and before pruning: a writer that was
         superseded raises there and its save is abandoned (its own state file removed)."""
         t0 = time.monotonic()
@@ -156,7 +156,7 @@ class CheckpointStore:
         with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {url}", r)
         log.info("saved checkpoint %s (%.1f MB in %.1fs)", url, len(data) / 1e6, time.monotonic() - t0)
         fence()
-        self._prune(keep_step=step, owns=owns, pinned=set(pinned))
+        self._prune(keep_step=step, owns=owns)
 
     def marker_of(self, url: str) -> dict[str, Any] | None:
         try:
@@ -170,13 +170,14 @@ class CheckpointStore:
         except Exception as err:  # best effort: pruning removes it later
             log.debug("could not remove %s: %s", path, err)
 
-    def _prune(self, keep_step: int, owns: Callable[[dict[str, Any]], bool], pinned: set[int]) -> None:
+    def _prune(self, keep_step: int, owns: Callable[[dict[str, Any]], bool]) -> None:
         """Delete partial saves and all but the newest `keep` complete checkpoints of the lineage
-        (`owns`); never `pinned` steps or checkpoints of another lineage (the next start moves those
-        aside). In the checkpoints kept, state files their marker does not name (an abandoned save)."""
+        (`owns`: so the checkpoint a run resumed from goes only once `keep` newer ones of its lineage
+        are complete), never a checkpoint of another lineage (the next start moves those aside). In
+        the checkpoints kept, state files their marker does not name (an abandoned save)."""
         complete = self.complete()
         ours = [c for c in complete if owns(c.meta)]
-        keep = {c.step for c in ours[-self.keep:]} | {keep_step} | pinned
+        keep = {c.step for c in ours[-self.keep:]} | {keep_step}
         keep |= {c.step for c in complete if not owns(c.meta)}
         named = {c.step: c.meta.get("state_file", STATE_FILE) for c in complete}
         for step, path in self._step_dirs():

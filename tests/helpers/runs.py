@@ -36,15 +36,19 @@ def popen_train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restar
 
 
 def steps(tmp: Path, log_dir: Path | None = None) -> dict[int, dict]:
-    """The last record of each step in steps.jsonl (a restart may log a step twice)."""
-    path = (log_dir or tmp / "tb") / "steps.jsonl"
-    records: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[r["step"]] = r
-    return records
+    """The step records of the run's current trajectory, by step, as gpt2.status reads them."""
+    from gpt2.metrics import current_steps, read_attempts
+
+    log_dir = log_dir or tmp / "tb"
+    text = (log_dir / "steps.jsonl").read_text() if (log_dir / "steps.jsonl").exists() else ""
+    attempts = read_attempts((log_dir / "attempts.jsonl").read_text()) if (log_dir / "attempts.jsonl").exists() else []
+    return current_steps(text, attempts)
+
+
+def raw_steps(log_dir: Path) -> list[dict]:
+    """Every line of steps.jsonl, in order (a restart, a rollback, a superseded writer: all of them)."""
+    path = log_dir / "steps.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def losses(tmp: Path) -> list[float]:

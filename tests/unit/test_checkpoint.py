@@ -212,9 +212,9 @@ def test_a_model_with_nan_is_never_saved(tmp_path, caplog):
 # ---- lineage: rollbacks and start-overs ----------------------------------------------------------
 
 
-def saves(directory, plan, steps, keep=2, pinned=None):
+def saves(directory, plan, steps, keep=2):
     ck = Checkpointer(CheckpointConfig(dir=str(directory), keep=keep), parts={"progress": Part()},
-                      describe=lambda s: {"config": {}}, lineage=plan.lineage, pinned=pinned)
+                      describe=lambda s: {"config": {}}, lineage=plan.lineage)
     for step in steps:
         ck.parts["progress"].state = {"step": step}
         ck.save(step, blocking=True)
@@ -234,9 +234,11 @@ def test_a_rollback_abandons_the_later_checkpoints_and_a_plain_restart_never_res
     assert "step-00000006 aside" in caplog.text and "not part of the lineage" in caplog.text
     assert names(tmp_path) == ["step-00000002", "step-00000004", f"step-00000006.abandoned-{first.lineage.id}"]
     assert read_lineage(str(tmp_path)).ancestors == [{"id": first.lineage.id, "until_step": 4}]
-    saves(tmp_path, rollback, (5, 6, 7), keep=2, pinned=4)
-    # keep=2 of the lineage (6, 7), and never the checkpoint this attempt resumed from (4)
-    assert [n for n in names(tmp_path) if "." not in n] == ["step-00000004", "step-00000006", "step-00000007"]
+    saves(tmp_path, rollback, (5,), keep=2)
+    # the lineage's newest 2 (4 is an ancestor's, the one resumed from), never the abandoned 6
+    assert [n for n in names(tmp_path) if "." not in n] == ["step-00000004", "step-00000005"]
+    saves(tmp_path, rollback, (6, 7), keep=2)
+    assert [n for n in names(tmp_path) if "." not in n] == ["step-00000006", "step-00000007"]
     again = start(tmp_path)  # a requeue or a pod restart: resume=auto
     assert again.point.step == 7 and again.lineage.id == rollback.lineage.id and again.begins is None
     assert load_state(again.point.url)["progress"]["step"] == 7
