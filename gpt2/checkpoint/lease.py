@@ -292,8 +292,11 @@ class Lease:
         for a full ttl (or was released); LeaseHeld when another submission's holder renews it."""
         owner = held.owner
         same_job = owner is not None and self.owner.submission is not None and owner.submission == self.owner.submission
+        written = held.record.get("written", "?") if held.record else "?"
         log.info(f"the run's lease in {self.directory} is held by {held.who()}; watching it for up to "
-                 f"{self.ttl_s:g} s to see whether its holder is alive")
+                 f"{self.ttl_s:g} s to see whether its holder is alive (its record was written at {written} by the "
+                 f"holder's clock; this host's clock reads {time.strftime('%Y-%m-%d %H:%M:%S')}; the two are never "
+                 "compared)")
         started = unchanged_since = last_note = time.monotonic()
         while True:
             time.sleep(WATCH_POLL_S)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import REPO, run_cli, tiny_overrides
@@ -17,18 +19,26 @@ def torchrun_args(nproc: int, max_restarts: int = 0) -> list[str]:
 
 
 def train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: int = 0,
-          env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the demo config shrunk by `tiny_overrides`, in one process or under torchrun."""
+          env: dict | None = None, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the demo config shrunk by `tiny_overrides`, in one process or under torchrun; `prefix`
+    runs it under another command (faketime)."""
     launcher = torchrun_args(nproc, max_restarts) if nproc > 1 else []
     args = [*launcher, "-m", "gpt2.train", "configs/demo.yaml", *tiny_overrides(tmp, **(extra or {}))]
-    return run_cli(args, env={"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", **(env or {})})
+    full_env = {"TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", **(env or {})}
+    if prefix:
+        return subprocess.run([*prefix, sys.executable, *args], cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1",
+                              **full_env), capture_output=True, text=True, timeout=600)
+    return run_cli(args, env=full_env)
 
 
 def popen_train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: int = 0,
-                env: dict | None = None, log_name: str = "train.log") -> subprocess.Popen:
-    """The trainer in the background, its output in `tmp / log_name`."""
+                env: dict | None = None, log_name: str = "train.log", prefix: list[str] | None = None
+                ) -> subprocess.Popen:
+    """The trainer in the background, its output in `tmp / log_name`; `prefix` runs it under another
+    command (faketime, unshare)."""
     launcher = torchrun_args(nproc, max_restarts) if nproc > 1 else []
-    args = [sys.executable, *launcher, "-m", "gpt2.train", "configs/demo.yaml", *tiny_overrides(tmp, **(extra or {}))]
+    args = [*(prefix or []), sys.executable, *launcher, "-m", "gpt2.train", "configs/demo.yaml",
+            *tiny_overrides(tmp, **(extra or {}))]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), OMP_NUM_THREADS="1", **(env or {}))
     log = open(tmp / log_name, "w")
     return subprocess.Popen(args, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
@@ -60,3 +70,23 @@ def worker_pids(agent_pid: int) -> list[int]:
     """The live child processes of a torchrun agent (an exited worker not yet reaped does not count)."""
     out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(agent_pid)], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if line.split() and "Z" not in line.split()[1]]
+
+
+def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+               timeout: float = 180) -> float:
+    """Poll `predicate` until it holds (returns the seconds it took); fail if `proc` exits first."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited ({proc.returncode}) before {what}: {log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:] if log else ''}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a process started with start_new_session, and everything it started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

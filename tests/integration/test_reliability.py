@@ -1,5 +1,6 @@
 """Reliability with real processes and the shipped defaults: hangs found in about a minute and
-never during slow healthy work, one writer per run, no silent recipe change, every attempt on record."""
+never during slow healthy work, no silent recipe change, every attempt on record (one writer per run:
+test_one_writer.py)."""
 
 from __future__ import annotations
 
@@ -13,33 +14,15 @@ from pathlib import Path
 
 import numpy as np
 from conftest import run_cli, shared_file
-from helpers.runs import popen_train, steps, train, worker_pids
+from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
-from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED
+from gpt2.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
 from gpt2.shards import open_split
 from gpt2.tokenizer import tokenizer_class
 from gpt2.watchdog import FLOOR_S, STEP_FACTOR
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint.every": 3}
-
-
-def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
-               timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited ({proc.returncode}) before {what}: {log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:] if log else ''}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 # ---- hangs ------------------------------------------------------------------------------------------
@@ -95,62 +78,6 @@ def test_an_evaluation_many_times_longer_than_a_step_does_not_fire_the_watchdog(
     took = float(re.search(r"step 10: HellaSwag acc_norm \d+/4000 = [\d.]+ \(([\d.]+) s\)", r.stdout).group(1))
     slowest = max(s["step_time_ms"] for s in steps(tmp_path).values() if s["step"] >= 6 and not s["warmup"]) / 1000
     assert STEP_FACTOR * slowest < FLOOR_S < took, (slowest, took)  # the limit was the floor; the eval outlasted it
-
-
-# ---- one writer per run ------------------------------------------------------------------------------
-
-
-def test_a_second_trainer_on_the_same_run_is_refused_and_writes_nothing(tmp_path):
-    extra = dict(BIGGER, **{"train.max_steps": 60})
-    first = popen_train(tmp_path, extra=extra, log_name="first.log")
-    try:
-        wait_until(lambda: len(steps(tmp_path)) >= 3, "the first trainer's steps", first, tmp_path / "first.log")
-        second = train(tmp_path, extra=extra)
-        assert second.returncode == EXIT_ERROR, second.stdout + second.stderr
-        assert f"another trainer holds this run: pid {first.pid}" in second.stderr
-        assert "checkpoint.take_over=true" in second.stderr and "Traceback" not in second.stderr
-        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        stop(first)
-    records = [json.loads(x) for x in (tmp_path / "tb" / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(60))  # one writer: each step once, in order
-    attempts = (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()
-    assert len(attempts) == 2 and not (tmp_path / "ckpt" / "LEASE").exists()  # released at the end
-
-
-def test_a_frozen_holder_superseded_after_the_lease_went_stale_never_writes_again(tmp_path):
-    """The first trainer freezes (SIGSTOP) holding the lease; once the lease is stale (the default
-    60 s) a second one takes over and trains; the first, continued (SIGCONT), stops without writing."""
-    extra = dict(BIGGER, **{"train.max_steps": 400})
-    first = popen_train(tmp_path, extra=dict(extra, **{"logging.dir": tmp_path / "tb1"}), log_name="first.log")
-    second = None
-    lease = tmp_path / "ckpt" / "LEASE"
-    try:
-        wait_until(lambda: (tmp_path / "ckpt" / "step-00000006").exists(), "a checkpoint", first,
-                   tmp_path / "first.log")
-        os.kill(first.pid, signal.SIGSTOP)
-        frozen_at = len(steps(tmp_path, tmp_path / "tb1"))
-        wait_until(lambda: time.time() - json.loads(lease.read_text())["renewed_at"] > 60, "a stale lease",
-                   timeout=120)
-        second = popen_train(tmp_path, extra=dict(extra, **{"logging.dir": tmp_path / "tb2", "train.stop_at_step":
-                                                            frozen_at + 12}), log_name="second.log")
-        wait_until(lambda: len(steps(tmp_path, tmp_path / "tb2")) >= 6, "the second trainer's steps", second,
-                   tmp_path / "second.log")
-        taken = json.loads(lease.read_text())
-        os.kill(first.pid, signal.SIGCONT)
-        code = first.wait(timeout=120)
-        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    finally:
-        stop(first)
-        if second is not None:
-            stop(second)
-    first_log, second_log = (tmp_path / "first.log").read_text(), (tmp_path / "second.log").read_text()
-    assert "has not renewed it for" in second_log and "(stale)" in second_log, second_log[-3000:]
-    assert code in (EXIT_ERROR, EXIT_HUNG) and "was superseded" in first_log, (code, first_log[-3000:])
-    assert len(steps(tmp_path, tmp_path / "tb1")) == frozen_at  # not one step line after the take-over
-    writers = {json.loads(m.read_text())["writer"]["pid"] for m in (tmp_path / "ckpt").glob("step-*/COMMITTED")}
-    assert writers == {second.pid}, writers  # every checkpoint kept was written by the second trainer
-    assert taken["generation"] == 2 and taken["owner"]["pid"] == second.pid
 
 
 # ---- the recipe -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from conftest import run_cli
 from helpers.parts import Part
 from helpers.runs import popen_train, steps, train, worker_pids
 
-from gpt2.checkpoint import MARKER, STATE_FILE, Checkpointer, CheckpointStore, load_state
+from gpt2.checkpoint import MARKER, Checkpointer, CheckpointStore, load_state, state_path
 from gpt2.config import CheckpointConfig
 from gpt2.errors import EXIT_PREEMPTED
 
@@ -179,7 +179,7 @@ def test_checkpoint_cli_list_inspect_export(tmp_path):
 
 
 def truncate(ckpt: Path, step: int) -> None:
-    state = ckpt / f"step-{step:08d}" / STATE_FILE
+    state = Path(state_path(str(ckpt / f"step-{step:08d}")))
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
 
