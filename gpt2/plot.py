@@ -9,7 +9,6 @@ is in progress. Needs matplotlib: `pip install 'gpt2[plot]'`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from gpt2 import logs
 from gpt2.config import PRESETS
 from gpt2.errors import PlotError, exit_code
+from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_steps, read_attempts
 
 log = logging.getLogger("gpt2.plot")  # also when run as __main__
 
@@ -50,11 +50,10 @@ def read_run(log_dir: Path) -> dict:
     """Train loss per step, val loss and HellaSwag series, and the GPT-2 size of the run (or None)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train: dict[int, float] = {}
-    for line in (log_dir / "steps.jsonl").read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            train[record["step"]] = record["loss"]  # after a restart the last record of a step counts
+    ledger = log_dir / ATTEMPTS_FILE
+    attempts = read_attempts(ledger.read_text()) if ledger.is_file() else []
+    steps = current_steps((log_dir / STEPS_FILE).read_text(), attempts)  # the current lineage's
+    train = {step: r["loss"] for step, r in steps.items()}
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()

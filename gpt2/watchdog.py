@@ -19,6 +19,10 @@ timeout). The watchdog waits for progress, not for steps:
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
 thread's stack, calls `on_hang` (the attempt record), then exits the process with EXIT_HUNG:
 torchrun restarts the group (or SLURM/Kubernetes the job), which resumes from the last checkpoint.
+
+A process that was suspended as a whole (SIGSTOP, a frozen VM) is not hung: its watchdog thread
+did not run either. When the watchdog's own polls are SUSPENDED_S apart, it says so and starts
+counting afresh; whether such a process may go on is for the run's lease to say.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ STEP_FACTOR = 20
 RECENT_STEPS = 20
 MIN_TIMED = 3
 FLOOR_S = 60.0
+SUSPENDED_S = 10.0  # a gap this long between the watchdog's own polls (1 s apart): the process was suspended
 
 _active: Watchdog | None = None  # the watchdog of this process while one is running (`with Watchdog(...)`)
 
@@ -109,8 +114,15 @@ class Watchdog:
         self.beat()
 
     def _watch(self) -> None:
+        polled = time.monotonic()
         while not self._stop.wait(min(1.0, self.ceiling_s / 4)):
-            idle, limit = time.monotonic() - self._last, self.limit_s
+            now = time.monotonic()
+            if now - polled > SUSPENDED_S:
+                log.warning(f"this process was suspended for {now - polled:.0f} s (SIGSTOP, a frozen VM or node): "
+                            "not counted as a hang")
+                self.beat()
+            polled = now
+            idle, limit = now - self._last, self.limit_s
             if idle > limit:
                 self._fire(idle, limit)
                 return

@@ -115,11 +115,13 @@ class Shared:
     train_overrides: list[str]  # the user's, with the micro-batch fitted to every world size
 
     @property
-    def env(self) -> list[dict[str, str]]:
+    def env(self) -> list[dict[str, Any]]:
         return [*({"name": k, "value": v} for k, v in TRAINER_ENV.items()),
                 {"name": "GPT2_CACHE_DIR", "value": f"{RUNS_MOUNT}/.cache"},
-                # the run's lease: a restarted or replaced pod of this job takes over at once
-                {"name": "GPT2_JOB_ID", "value": self.job}]
+                # the run's lease: the job's identity (its name in its namespace), so a restarted pod
+                # of this job waits for its predecessor instead of being refused as a second job
+                {"name": "GPT2_JOB_ID", "value": self.job},
+                {"name": "GPT2_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
 
     def runs_volume(self) -> dict[str, Any]:
         # never readOnly here, even for TensorBoard (its volumeMount is read-only): a volume plugin

@@ -268,7 +268,9 @@ def test_existing_pvc_is_reused_not_rolled_back(api):
 
 def pod_env(tmp: Path, port: int) -> dict[str, str]:
     container = load_docs(REPO / "k8s" / "pytorchjob.yaml")[0]["spec"]["pytorchReplicaSpecs"]["Worker"]
-    env = {e["name"]: e["value"] for e in container["template"]["spec"]["containers"][0]["env"]}
+    downward = {"metadata.namespace": "default"}  # what the kubelet fills in
+    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in container["template"]["spec"]["containers"][0]["env"]}
     env.update({"PET_NNODES": "1:2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d",
                 "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "gpt2-test", "PET_MAX_RESTARTS": "3",
                 "PET_RDZV_CONF": "join_timeout=120,last_call_timeout=2", "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"})

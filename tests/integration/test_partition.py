@@ -1,8 +1,9 @@
 """A network partition between two "nodes": network namespaces joined by a veth pair, made and
 removed by the test, one torchrun agent in each, elastic 1:2, the c10d rendezvous on node A.
 
-The link goes down mid-run: A (which keeps the rendezvous) goes on alone, the cut-off B stops
-within the hang limit and never writes after A took the run over (the lease); the link comes back,
+B's address sorts first, so B's worker is rank 0: the writer, holding the run's lease. The link
+goes down mid-run: A (which keeps the rendezvous) goes on alone and takes the lease over, the
+cut-off writer B stops within the hang limit and writes nothing after the cut; the link comes back,
 a restarted agent on B rejoins, and the job finishes at world size 2. Every step's batch checksum
 equals an uninterrupted run's (the checksum does not depend on the world size)."""
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, REPO, tiny_overrides
-from helpers.runs import steps, train, worker_pids
+from helpers.runs import raw_steps, steps, train, worker_pids
 
 from gpt2.launch.common import TRAINER_ENV
 
@@ -46,11 +47,12 @@ def ip(*args: str) -> None:
 
 @pytest.fixture
 def two_nodes():
-    """Two namespaces "a" and "b" with 10.213.N.1 and .2 on a veth pair; removed afterwards."""
+    """Two namespaces "a" and "b" with 10.213.N.2 and .1 on a veth pair; removed afterwards. (torchrun
+    ranks the nodes by address: B is rank 0.)"""
     _need_root()
     tag = f"g{os.getpid() % 100000}"
     net = f"10.213.{os.getpid() % 250}"
-    nodes = {"a": (f"{tag}a", f"{tag}va", f"{net}.1"), "b": (f"{tag}b", f"{tag}vb", f"{net}.2")}
+    nodes = {"a": (f"{tag}a", f"{tag}va", f"{net}.2"), "b": (f"{tag}b", f"{tag}vb", f"{net}.1")}
     ip("netns", "add", nodes["a"][0])
     ip("netns", "add", nodes["b"][0])
     try:
@@ -93,6 +95,15 @@ def wait_until(predicate, what: str, logs: list[Path], timeout: float = 300) -> 
     raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(p.read_text()[-2500:] for p in logs))
 
 
+def lease_holder(run: Path) -> dict:
+    newest = sorted((run / "ckpt" / "lease").glob("[0-9]" * 8))[-1]
+    return json.loads(newest.read_text())
+
+
+def attempts(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "tb" / "attempts.jsonl").read_text().splitlines() if '"start"' in x]
+
+
 def world_sizes(tmp: Path) -> list[int]:
     return [r["world_size"] for r in steps(tmp).values()]
 
@@ -117,14 +128,16 @@ def test_a_partition_leaves_one_side_training_alone_and_a_restarted_agent_rejoin
     b2 = None
     try:
         wait_until(lambda: 2 in world_sizes(run) and len(steps(run)) >= 30, "both nodes training", logs)
+        writer = lease_holder(run)
+        assert writer["owner"]["pid"] in worker_pids(b.pid), (writer, worker_pids(b.pid))  # B writes
         ip("-n", two_nodes["b"][0], "link", "set", two_nodes["b"][1], "down")
-        cut_at = max(steps(run))
+        cut_at = max(r["step"] for r in raw_steps(run / "tb"))
         # B's worker stops within the hang limit (its agent waits on for the unreachable rendezvous)
         b_done = wait_until(lambda: "no progress for" in (run / "b.log").read_text() and not worker_pids(b.pid),
                             "the cut-off worker to stop", logs, timeout=300)
         alone = wait_until(lambda: any(s["world_size"] == 1 and s["step"] > cut_at for s in steps(run).values()),
                            "A training alone", logs, timeout=300)
-        lease = json.loads((run / "ckpt" / "LEASE").read_text())
+        taken = lease_holder(run)
         ip("-n", two_nodes["b"][0], "link", "set", two_nodes["b"][1], "up")
         end(b)  # the node comes back: its agent is restarted, as a node's supervisor would
         b2 = agent(two_nodes["b"], store, run, "b2.log")
@@ -144,6 +157,12 @@ def test_a_partition_leaves_one_side_training_alone_and_a_restarted_agent_rejoin
     assert sorted(got) == list(range(EXTRA["train.max_steps"]))
     assert all(got[s]["batch_hash"] == want[s]["batch_hash"] for s in want)  # exact batches throughout
     assert {1, 2} <= set(world_sizes(run))
-    # nothing written by a superseded holder: each kept checkpoint's writer held the newest generation then
-    gens = [json.loads(m.read_text())["writer"]["generation"] for m in sorted((run / "ckpt").glob("step-*/COMMITTED"))]
-    assert gens == sorted(gens) and lease["generation"] >= 2, (gens, lease)
+    # A took the lease from the cut-off writer; B wrote nothing after the cut: no step line, no checkpoint
+    assert taken["generation"] > writer["generation"] and taken["owner"]["pid"] != writer["owner"]["pid"]
+    b_attempt = next(a["attempt"] for a in attempts(run) if a.get("pid") == writer["owner"]["pid"])
+    # (cut_at + 1: a step whose all-reduce finished as the link went down)
+    assert max(r["step"] for r in raw_steps(run / "tb") if r["attempt"] == b_attempt) <= cut_at + 1
+    gens = [(json.loads(m.read_text())["step"], json.loads(m.read_text())["writer"]["generation"])
+            for m in sorted((run / "ckpt").glob("step-????????/COMMITTED"))]
+    assert [g for _, g in gens] == sorted(g for _, g in gens), gens  # generations never go back
+    assert all(step <= cut_at + 1 for step, g in gens if g == writer["generation"]), gens

@@ -75,3 +75,33 @@ def test_regular_steps_keep_it_quiet_zero_disables_it_and_no_watchdog_means_no_o
     with watchdog.phase("anything"):
         pass
     assert codes == []
+
+
+def test_a_process_suspended_as_a_whole_is_not_called_hung(tmp_path):
+    """SIGSTOP stops the watchdog thread too: on SIGCONT it sees its own polls 12 s apart and starts
+    counting afresh, instead of exiting with EXIT_HUNG at once (a real hang leaves it polling)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from gpt2 import logs; logs.setup()\n"
+        "from gpt2.watchdog import Watchdog\n"
+        "with Watchdog(3.0, floor_s=0.4, factor=20) as dog:\n"
+        "    dog.steps()\n"
+        "    for _ in range(3): dog.step_done(0.01)\n"
+        "    print('ready', flush=True)\n"
+        "    t0 = time.monotonic()\n"
+        "    while time.monotonic() - t0 < 16:\n"
+        "        dog.beat(); time.sleep(0.05)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(12)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "was suspended for 1" in err and "no progress" not in err
