@@ -240,9 +240,10 @@ class Lease:
             record = None
         return Held(top, raw, record)
 
-    def _newer_exists(self) -> bool:
-        return bool(with_retries(lambda: self.fs.exists(self._path(self.generation + 1)),
-                                 f"checking {self._path(self.generation + 1)}", self.retries))
+    def _newer_exists(self, retries: int | None = None) -> bool:
+        path = self._path(self.generation + 1)
+        return bool(with_retries(lambda: self.fs.exists(path), f"checking {path}",
+                                 self.retries if retries is None else retries))
 
     # ---- taking it -----------------------------------------------------------------------------
 
@@ -457,8 +458,8 @@ class Lease:
             self._thread.join(timeout=10)  # a renewal hung on the storage must not keep the process
         if self.lost is not None or self.generation == 0:
             return
-        try:
-            if self._newer_exists():
+        try:  # one try each: a process on its way out does not wait for the storage
+            if self._newer_exists(retries=0):
                 return
             self._write_own("released")
         except (StorageError, OSError) as err:

@@ -104,6 +104,10 @@ def test_a_new_global_batch_is_refused_unless_allowed_and_then_no_row_is_skipped
         assert got[step]["batch_hash"] == row_hash(rows_of_stream(tmp_path / "data", 16 * step, 16), 0)
     for step in range(4, 8):  # 32 rows a step from row 64 on: 64-95, 96-127, ...
         assert got[step]["batch_hash"] == row_hash(rows_of_stream(tmp_path / "data", 64 + 32 * (step - 4), 32), 0)
+    # tokens seen count both batch sizes: 64 rows of 32 tokens, then 32 rows a step
+    assert [got[s]["tokens_seen"] for s in (3, 7)] == [64 * 32, (64 + 4 * 32) * 32]
+    marker = json.loads((tmp_path / "ckpt" / "step-00000008" / "COMMITTED").read_text())
+    assert marker["tokens_seen"] == (64 + 4 * 32) * 32
 
 
 def test_a_longer_schedule_is_said_or_continued_without_a_jump(tmp_path):
