@@ -148,7 +148,7 @@ def apply_plan(cfg: CheckpointConfig, plan: ResumePlan, fence: Callable[[], None
                                                       f"({plan.begins or 'written by another lineage'})"))
     if plan.begins:
         write_lineage(cfg.dir, plan.lineage, cfg.storage_options, cfg.retries)
-        log.info(f"{plan.begins}: {plan.lineage.describe()}")
+        log.info(f"{plan.begins}: lineage {plan.lineage.id} begins")
 
 
 def to_cpu(obj: Any) -> Any:
