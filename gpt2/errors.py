@@ -30,6 +30,10 @@ class StorageError(Gpt2Error, RuntimeError):
     """A storage operation failed (after retries), or a path cannot be used."""
 
 
+class StorageFull(StorageError):
+    """No space left (or a quota, or a read-only file system): retrying cannot help."""
+
+
 class TokenizerError(Gpt2Error, RuntimeError):
     """Tokenizer files are missing, wrong, or cannot be fetched."""
 
@@ -40,6 +44,11 @@ class DataError(Gpt2Error, RuntimeError):
 
 class CheckpointError(Gpt2Error, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt, or a save that must succeed failed."""
+
+
+class CheckpointUnloadable(CheckpointError):
+    """A checkpoint whose bytes match its marker could not be loaded (memory, a torch version, an
+    unsafe payload): not corrupt, so never moved aside."""
 
 
 class ModelError(Gpt2Error, ValueError):

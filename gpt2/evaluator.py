@@ -83,12 +83,12 @@ class Evaluator:
         self.metrics.scalars(step, {"val/loss": loss})
 
     def hellaswag(self, step: int) -> None:
-        t0 = time.time()
+        t0 = time.monotonic()
         r = hellaswag.score(self.raw_model, self.tokenizer, self.hellaswag_path(),  # type: ignore[arg-type]
                             self.dist.device, self.dist.rank, self.dist.world_size, self.e.hellaswag_limit,
                             self.cfg.model.block_size, self.autocast)
         log.info(f"step {step}: HellaSwag acc_norm {r.correct_norm}/{r.total} = {r.acc_norm:.4f} "
-                 f"({time.time() - t0:.1f} s)")
+                 f"({time.monotonic() - t0:.1f} s)")
         self.metrics.scalars(step, {"eval/hellaswag_acc_norm": r.acc_norm, "eval/hellaswag_acc": r.acc})
 
     def samples(self, step: int) -> None:

@@ -13,7 +13,8 @@ from typing import Protocol
 
 import torch
 
-from gpt2.storage import ensure_directory
+from gpt2.errors import StorageError, StorageFull
+from gpt2.storage import PERMANENT_ERRNOS, ensure_directory
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class MetricsLogger:
     def __init__(self, log_dir: str, enabled: bool, max_steps: int, log_every: int = 1,
                  purge_step: int | None = None, gate: WriteGate | None = None):
         self.enabled, self.max_steps, self.log_every, self.gate = enabled, max_steps, log_every, gate
+        self.log_dir = log_dir
         self.writer = None
         self.steps_path: Path | None = None
         if enabled:
@@ -164,8 +166,13 @@ class MetricsLogger:
             self._held.append(write)
             return
         held, self._held = self._held, []
-        for w in (*held, write):
-            w()
+        try:
+            for w in (*held, write):
+                w()
+        except OSError as err:  # a full or vanished logging disk: one message, not a traceback per record
+            kind = StorageFull if err.errno in PERMANENT_ERRNOS else StorageError
+            raise kind(f"cannot write the run's records to logging.dir {self.log_dir}: {err.strerror or err}; free "
+                       "space there (or set another logging.dir), then start again") from err
 
     def step(self, r: StepRecord) -> None:
         """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""

@@ -248,10 +248,10 @@ class Progress:
 
     def __init__(self, total_tokens: int | None, enabled: bool):
         self.total, self.enabled = total_tokens, enabled
-        self.start = self.last = time.time()
+        self.start = self.last = time.monotonic()
 
     def update(self, tokens: int, shards: int, force: bool = False) -> None:
-        now = time.time()
+        now = time.monotonic()
         if not self.enabled or (now - self.last < self.REPORT_EVERY_S and not force):
             return
         self.last = now
@@ -289,7 +289,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
             return Summary(skipped_shards=len(manifest.shards))
 
     summary = Summary(skipped_shards=len(manifest.shards))
-    start = time.time()
+    start = time.monotonic()
     next_doc, next_offset = 0, 0
     if manifest.shards:
         next_doc, next_offset = manifest.shards[-1]["next_doc"], manifest.shards[-1]["next_offset"]
@@ -365,7 +365,7 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     manifest.documents = doc_index
     write_manifest(d.dir, manifest, d.storage_options)
     meter.update(summary.tokens, len(manifest.shards), force=True)
-    summary.seconds = time.time() - start
+    summary.seconds = time.monotonic() - start
     return summary
 
 

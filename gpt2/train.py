@@ -254,10 +254,10 @@ class Trainer:
         with self.preemption:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)
-                t0 = time.time()
+                t0 = time.monotonic()
                 out = self.train_step(step)
                 loss, preempted, batch_hash = self.reduce(out.loss_sum, out.batch_hash)  # syncs: time after it
-                dt = time.time() - t0
+                dt = time.monotonic() - t0
                 self.progress.step = done = step + 1
                 warmup = step - first < WARMUP
                 watchdog.step_done(dt, timed=not warmup)
@@ -287,13 +287,16 @@ class Trainer:
         """The end of this attempt in the ledger, unless another attempt took the run over (then
         that one records it)."""
         if self.lease is None or not self.lease.superseded:
-            self.metrics.attempt_ended(self.progress.step, code, reason)
+            try:
+                self.metrics.attempt_ended(self.progress.step, code, reason)
+            except Gpt2Error as err:  # e.g. the logging disk is full: the exit code and message still say why
+                log.warning(f"could not record the end of this attempt: {err}")
 
     def warm_up(self) -> None:
         """Compile the training step before the first collective: a forward and backward of a batch of
         zeros without gradient sync, then a barrier (within the process-group timeout). Ranks whose
         compilation is slow (another node, a cold cache) then no longer stall their peers' all-reduce."""
-        t0 = time.time()
+        t0 = time.monotonic()
         x = torch.zeros((self.micro_batch, self.cfg.train.seq_len), dtype=torch.long, device=self.device)
         sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
         with sync:
@@ -302,7 +305,7 @@ class Trainer:
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
         distributed.barrier()
-        log.info(f"compiled the training step in {time.time() - t0:.1f} s (every rank ready)")
+        log.info(f"compiled the training step in {time.monotonic() - t0:.1f} s (every rank ready)")
 
     def record(self, step: int, loss: float, out: StepOutput, batch_hash: int, dt: float,
                warmup: bool) -> StepRecord:
@@ -399,8 +402,8 @@ def run(cfg: Config) -> int:
 
     watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, where=lambda: (
         f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else '?'}"))
-    try:
-        with watchdog:
+    with watchdog:  # everything, the clean-up after the loop too, is watched
+        try:
             # collectives time out after twice the watchdog's ceiling: the watchdog, with its clearer
             # message, acts first
             dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
@@ -408,29 +411,30 @@ def run(cfg: Config) -> int:
             trainer = Trainer.build(cfg, dist, watchdog)
             code = trainer.fit()
             reason = trainer.stop_reason
-    except Gpt2Error as err:
-        log.error("%s", err)
-        code, reason = exit_code(err), f"{type(err).__name__}: {err}"
-    except Exception as err:
-        reason = f"crashed: {type(err).__name__}: {err}"
-        if dist is not None and dist.world_size > 1:
-            # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
-            # any further collective or DDP destructor could hang, so leave without tearing down.
-            traceback.print_exc()
-            if trainer is not None:
-                trainer.record_end(code, reason)
-            sys.stdout.flush(), sys.stderr.flush()
-            os._exit(EXIT_ERROR)
-        raise
-    finally:
-        if trainer is not None:
-            trainer.record_end(code, reason)
-            trainer.close()
-        trainer = None  # the DDP module goes before the process group
-        if code in (EXIT_OK, EXIT_PREEMPTED):
-            distributed.teardown()
-        else:
-            distributed.abort()
+        except Gpt2Error as err:
+            log.error("%s", err)
+            code, reason = exit_code(err), f"{type(err).__name__}: {err}"
+        except Exception as err:
+            reason = f"crashed: {type(err).__name__}: {err}"
+            if dist is not None and dist.world_size > 1:
+                # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
+                # any further collective or DDP destructor could hang, so leave without tearing down.
+                traceback.print_exc()
+                if trainer is not None:
+                    trainer.record_end(code, reason)
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(EXIT_ERROR)
+            raise
+        finally:
+            with watchdog.phase("finishing (the last records, the lease, the group's teardown)", ceiling=True):
+                if trainer is not None:
+                    trainer.record_end(code, reason)
+                    trainer.close()
+                trainer = None  # the DDP module goes before the process group
+                if code in (EXIT_OK, EXIT_PREEMPTED):
+                    distributed.teardown()
+                else:
+                    distributed.abort()
     if code == EXIT_OK and dist is not None and dist.is_main:
         log.info(f"outputs: checkpoints {cfg.checkpoint.dir} | TensorBoard {cfg.logging.dir} "
                  f"(tensorboard --logdir {cfg.logging.dir}) | steps {os.path.join(cfg.logging.dir, 'steps.jsonl')}")

@@ -45,6 +45,7 @@ STEP_FACTOR = 20
 RECENT_STEPS = 20
 MIN_TIMED = 3
 FLOOR_S = 60.0
+RECORD_DEADLINE_S = 10.0  # what the hang's record may take before the process exits without it
 SUSPENDED_S = 10.0  # a gap this long between the watchdog's own polls (1 s apart): the process was suspended
 
 _active: Watchdog | None = None  # the watchdog of this process while one is running (`with Watchdog(...)`)
@@ -134,13 +135,21 @@ class Watchdog:
         log.error(f"no progress for {idle:.0f} s in phase '{self.phase_name}' ({self.where()}; limit {limit:.0f} s: "
                   f"{self._why(limit)}): a peer is frozen or a collective or a read hangs. Exiting with {EXIT_HUNG} "
                   f"so that the job restarts from its last checkpoint. Stacks of this process:\n{stacks}")
+        # the record is best effort under a deadline: the storage it goes to may be what hangs
+        recorder = threading.Thread(target=self._record, name="gpt2-hang-record", daemon=True)
+        recorder.start()
+        recorder.join(RECORD_DEADLINE_S)
+        if recorder.is_alive():
+            log.error(f"could not record the hang within {RECORD_DEADLINE_S:g} s (the storage may hang too); exiting")
+        for handler in logging.getLogger("gpt2").handlers:
+            handler.flush()
+        self._exit(EXIT_HUNG)
+
+    def _record(self) -> None:
         try:
             self.on_hang(self.phase_name)
         except Exception as err:  # the exit matters more than the record
             log.error(f"could not record the hang: {err}")
-        for handler in logging.getLogger("gpt2").handlers:
-            handler.flush()
-        self._exit(EXIT_HUNG)
 
     def _why(self, limit: float) -> str:
         if limit >= self.ceiling_s:

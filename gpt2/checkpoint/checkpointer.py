@@ -17,7 +17,7 @@ from gpt2.checkpoint.lease import Lease
 from gpt2.checkpoint.lineage import Lineage, read_lineage, write_lineage
 from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
-from gpt2.errors import CheckpointError, LeaseLost
+from gpt2.errors import CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
 from gpt2.storage import ensure_directory
 from gpt2.watchdog import phase
 
@@ -117,6 +117,8 @@ def _plan_auto(cfg: CheckpointConfig, store: CheckpointStore, current: Lineage |
     for c in reversed(ours):
         try:
             return ResumePlan(ResumePoint(c.url, *store.load(c.url)), lineage, None, move)
+        except CheckpointUnloadable:
+            raise  # its bytes are intact: what failed is the load, and the message says what to do
         except CheckpointError as err:
             log.warning("checkpoint %s is corrupt (%s); it will be moved aside and the previous one tried", c.url, err)
             move.append((c.url, "corrupt"))
@@ -225,7 +227,7 @@ class Checkpointer:
             for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
                 try:
                     attempt()
-                except LeaseLost:
+                except (LeaseLost, StorageFull):  # superseded; a full disk, which no later save can fix
                     raise
                 except Exception as err:
                     log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from gpt2.checkpoint.lineage import Lineage
-from gpt2.errors import CheckpointError, StorageError
+from gpt2.errors import CheckpointError, CheckpointUnloadable, StorageError
 from gpt2.storage import filesystem, join, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
@@ -226,17 +226,37 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
         data = with_retries(lambda: fs.cat_file(join(path, name)), f"reading {url}/{name}", retries)
     except FileNotFoundError:
         raise CheckpointError(f"{url}/{name} is missing") from None
+    except MemoryError:
+        raise CheckpointUnloadable(f"{url}/{name} ({meta.get('bytes', 0) / 1e9:.2f} GB) could not be read: out of "
+                                   "host memory. Give the process more memory (the job's memory request or limit); "
+                                   "the checkpoint is kept as it is") from None
     if len(data) != meta.get("bytes"):
         raise CheckpointError(f"{url}/{name} is {len(data)} bytes, its marker says {meta.get('bytes')} (truncated)")
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise CheckpointError(f"{url}/{name} does not match the sha256 in its marker (corrupt)")
     try:
         return meta, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "can't allocate memory" not in str(err):
+            raise _unloadable(url, name, err) from None
+        raise CheckpointUnloadable(
+            f"{url}/{name} ({len(data) / 1e9:.2f} GB, its bytes intact: the sha256 matches) could not be loaded: out "
+            "of host memory. Give the process more memory (the job's memory request or limit); the checkpoint is "
+            "kept as it is") from None
     except Exception as err:
-        # torch's message advises weights_only=False, i.e. running code from the file: never pass that on
-        reason = str(err).splitlines()[0] if "weights_only" not in str(err) else "it holds objects other than tensors"
-        raise CheckpointError(f"{url}/{name} cannot be loaded safely: {reason}. Only checkpoints written "
-                              "by this trainer are loaded; do not load files from untrusted sources") from None
+        raise _unloadable(url, name, err) from None
+
+
+def _unloadable(url: str, name: str, err: Exception) -> CheckpointUnloadable:
+    if "weights_only" in str(err):  # torch advises weights_only=False, i.e. running code from the file: never
+        return CheckpointUnloadable(
+            f"{url}/{name} cannot be loaded safely: it holds objects other than tensors. Only checkpoints "
+            "written by this trainer are loaded; do not load files from untrusted sources")
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return CheckpointUnloadable(
+        f"{url}/{name} (its bytes intact: the sha256 matches) could not be loaded: {type(err).__name__}: "
+        f"{first_line}. This is not corruption (the checkpoint is kept as it is): a torch version that cannot "
+        f"read it (this is torch {torch.__version__}), or a failing host. Resume with the version that wrote it")
 
 
 def read_meta(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:

@@ -374,8 +374,8 @@ class JobTask:
 
         if self._proc is not None:
             self.plan.on_preemption(self._proc)
-        deadline = time.time() + self.plan.executor_params["signal_delay_s"] - 5
-        while self._proc is not None and self._proc.poll() is None and time.time() < deadline:
+        deadline = time.monotonic() + self.plan.executor_params["signal_delay_s"] - 5
+        while self._proc is not None and self._proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         if self._proc is not None and self._proc.returncode == 0:
             return None  # finished meanwhile: nothing to requeue

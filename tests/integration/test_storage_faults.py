@@ -1,0 +1,120 @@
+"""Storage faults with real injectors and the shipped defaults: a full disk (a small tmpfs), a host
+memory limit during a load (prlimit), a ledger write that hangs while a hang is being reported (a
+FIFO nobody reads). Each test asserts what a user sees: the exit code, one message, and that nothing
+good was moved aside or lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI
+from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
+
+from gpt2.errors import EXIT_ERROR, EXIT_HUNG
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("mounting a tmpfs needs root; CI runs as root")
+        pytest.skip("mounting a tmpfs needs root")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A directory on a tmpfs of the given size, unmounted afterwards."""
+    need_root()
+    mounts = []
+
+    def make(name: str, size: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_checkpoint_disk_stops_the_run_with_one_message_and_no_retries(tmp_path, small_disk):
+    ckpt = small_disk("ckpt", "700k")  # room for one 0.5 MB checkpoint
+    r = train(tmp_path, extra={"checkpoint.dir": ckpt, "train.max_steps": 12, "checkpoint.every": 4})
+    out = r.stdout + r.stderr
+    assert r.returncode == EXIT_ERROR, out[-3000:]
+    assert "No space left on device" in r.stderr and "retrying would not help" in r.stderr
+    assert "retrying in" not in out and "Traceback" not in out  # not retried as if transient
+    assert [p.name for p in ckpt.glob("step-*") if (p / "COMMITTED").exists()] == ["step-00000004"]
+    ledger = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
+    assert ledger[-1]["event"] == "end" and ledger[-1]["exit_code"] == EXIT_ERROR
+    assert "No space left on device" in ledger[-1]["reason"]
+    assert max(steps(tmp_path)) < 12  # stopped at the failed save, not trained on without checkpoints
+
+
+def test_a_full_logging_disk_stops_the_run_with_one_message(tmp_path, small_disk):
+    tb = small_disk("tb", "64k")
+    r = train(tmp_path, extra={"logging.dir": tb, "train.max_steps": 3000, "checkpoint.every": 100})
+    assert r.returncode == EXIT_ERROR, (r.stdout + r.stderr)[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"logging.dir {tb}" in errors[0] and "No space left on device" in errors[0], errors
+    assert "Traceback" not in r.stderr
+
+
+def test_a_checkpoint_that_cannot_be_loaded_for_lack_of_memory_is_not_called_corrupt(tmp_path):
+    """The bytes match the marker's sha256; the load runs out of host memory (prlimit --as): the
+    start says so and moves nothing aside; with memory it resumes from that very checkpoint."""
+    if shutil.which("prlimit") is None:
+        pytest.fail("prlimit (util-linux) is missing")
+    big = {"model.n_layer": 4, "model.n_embd": 1024, "model.n_head": 8, "train.max_steps": 1, "checkpoint.every": 1,
+           "eval.val_every": 0}
+    r = train(tmp_path, extra=big)
+    assert r.returncode == 0, r.stderr[-3000:]
+    marker = json.loads((tmp_path / "ckpt" / "step-00000001" / "COMMITTED").read_text())
+    baseline = subprocess.run([sys.executable, "-c", "import gpt2.train, torch\nfor l in open('/proc/self/status'):\n"
+                               "    if l.startswith('VmPeak'): print(int(l.split()[1]) * 1024)"],
+                              capture_output=True, text=True).stdout
+    limit = int(baseline) + marker["bytes"] + 60 * 2**20  # room to read the file, not to unpickle it too
+    starved = train(tmp_path, extra=dict(big, **{"train.max_steps": 2}), prefix=["prlimit", f"--as={limit}"])
+    assert starved.returncode == EXIT_ERROR, (starved.stdout + starved.stderr)[-3000:]
+    assert "out of host memory" in starved.stderr and "its bytes intact" in starved.stderr, starved.stderr[-3000:]
+    assert "corrupt" not in starved.stderr and not list((tmp_path / "ckpt").glob("*.corrupt-*"))
+    fed = train(tmp_path, extra=dict(big, **{"train.max_steps": 2}))
+    assert fed.returncode == 0 and "resumed from" in fed.stdout and "step-00000001 at step 1" in fed.stdout
+
+
+def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(tmp_path):
+    """A frozen peer (SIGSTOP) makes rank 0's watchdog fire at the 60 s floor; its last act, the
+    ledger's end record, hangs (attempts.jsonl is now a FIFO nobody reads, as a hung NFS server
+    would): the process still exits with EXIT_HUNG within the record's deadline."""
+    extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
+             "checkpoint.every": 1000, "eval.val_every": 0}
+    proc = popen_train(tmp_path, nproc=2, extra=extra)
+    log = tmp_path / "train.log"
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 25, "steps", proc, log, timeout=300)
+        ledger = tmp_path / "tb" / "attempts.jsonl"
+        ledger.rename(tmp_path / "attempts.jsonl.before")
+        os.mkfifo(ledger)
+        workers = worker_pids(proc.pid)
+        os.kill(workers[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_until(lambda: "no progress for" in log.read_text(), "the watchdog", timeout=120)
+        fired = time.monotonic() - t0
+        wait_until(lambda: workers[0] not in worker_pids(proc.pid), "rank 0 to exit", timeout=60)
+        gone = time.monotonic() - t0
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "could not record the hang within 10 s" in text, text[-3000:]
+    assert gone - fired < 20, (fired, gone)
+    assert re.search(rf"exit(ed)? (with|code) {EXIT_HUNG}|Exiting with {EXIT_HUNG}", text), text[-3000:]
