@@ -187,6 +187,9 @@ class CheckpointConfig:
     lease_wait_s: int = 600
     # Take the lease even from a live holder (after making sure the other trainer is gone).
     take_over: bool = False
+    # While checkpoint.dir cannot be reached, training goes on without writing (saves and renewals
+    # retry); an outage longer than this ends the attempt with exit 202, which the launchers restart.
+    outage_s: int = 600
 
 
 @dataclass
@@ -383,13 +386,16 @@ def validate(config: Config) -> None:
         "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
         "data.workers": d.workers, "data.val_tokens": d.val_tokens, "data.wait_for_data_s": d.wait_for_data_s,
         "checkpoint.retries": c.retries, "checkpoint.lease_ttl_s": c.lease_ttl_s,
-        "checkpoint.lease_wait_s": c.lease_wait_s,
+        "checkpoint.lease_wait_s": c.lease_wait_s, "checkpoint.outage_s": c.outage_s,
         "launch.max_restarts": config.launch.max_restarts, "launch.max_requeues": config.launch.max_requeues,
         "launch.signal_delay_s": config.launch.signal_delay_s,
     }
     for key, value in non_negatives.items():
         if not value >= 0:
             raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
+    if c.lease_ttl_s and c.outage_s < c.lease_ttl_s:
+        raise ConfigError(f"checkpoint.outage_s ({c.outage_s}) is shorter than checkpoint.lease_ttl_s "
+                          f"({c.lease_ttl_s}): a blip shorter than the lease's own tolerance would end the run")
     if 0 < c.lease_ttl_s < 10:
         raise ConfigError(f"checkpoint.lease_ttl_s must be 0 (no lease) or at least 10 s, got {c.lease_ttl_s}: a "
                           "holder renews every ttl/4 s and stops writing when a renewal is ttl/2 s late")

@@ -16,6 +16,11 @@ EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 200
 # No progress for train.hang_timeout_s (gpt2.watchdog): retryable too, the restart resumes.
 EXIT_HUNG = 201
+# The storage could not be reached (after retries at start-up, or for checkpoint.outage_s while
+# training): retryable, a later attempt finds it back.
+EXIT_STORAGE = 202
+# The exit codes after which a restart of the job can help (the launchers requeue/restart on them).
+RETRYABLE = (EXIT_PREEMPTED, EXIT_HUNG, EXIT_STORAGE)
 
 
 class Gpt2Error(Exception):
@@ -28,6 +33,10 @@ class ConfigError(Gpt2Error, ValueError):
 
 class StorageError(Gpt2Error, RuntimeError):
     """A storage operation failed (after retries), or a path cannot be used."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage did not answer (after retries, or for checkpoint.outage_s): a later attempt may find it back."""
 
 
 class StorageFull(StorageError):
@@ -90,6 +99,7 @@ EXIT_CODES: dict[type[Gpt2Error], int] = {
     PlotError: EXIT_CONFIG,
     StatusError: EXIT_CONFIG,
     TrainingDiverged: EXIT_DIVERGED,
+    StorageUnavailable: EXIT_STORAGE,
     Gpt2Error: EXIT_ERROR,
 }
 

@@ -236,12 +236,23 @@ class MetricsLogger:
                       "time_text": time.strftime("%Y-%m-%d %H:%M:%S"), **record})
         self.text("attempts", f"attempt {self.attempt} started: {json.dumps(record)}", step)
 
-    def attempt_ended(self, step: int, exit_code: int, reason: str) -> None:
-        """How this attempt ended: its exit code and why (not written by a superseded trainer)."""
+    def attempt_ended(self, step: int, exit_code: int, reason: str, unconfirmed: bool = False) -> None:
+        """How this attempt ended: its exit code and why (not written by a superseded trainer).
+        `unconfirmed`: written although the lease is unconfirmed (an outage ended the attempt),
+        unless a successor already recorded this attempt's end."""
         if not self.enabled or self.attempt is None:
             return
-        self._append({"event": "end", "attempt": self.attempt, "time": time.time(), "step": step,
-                      "exit_code": exit_code, "reason": reason})
+        record = {"event": "end", "attempt": self.attempt, "time": time.time(), "step": step,
+                  "exit_code": exit_code, "reason": reason}
+        if unconfirmed and self.gate is not None and not self.gate.superseded:
+            ended = {r.get("attempt") for r in read_attempts(self.attempts_path.read_text())
+                     if r.get("event") == "end"} if self.attempts_path.exists() else set()
+            if self.attempt not in ended:
+                with open(self.attempts_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self.attempt = None
+            return
+        self._append(record)
         self.text("attempts", f"attempt {self.attempt} ended at step {step}: exit {exit_code}, {reason}", step)
         self._persist(lambda: self.writer.flush() if self.writer is not None else None)
         self.attempt = None

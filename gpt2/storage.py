@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from gpt2.errors import StorageError, StorageFull
+from gpt2.errors import StorageError, StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,28 +63,23 @@ def join(path: str, *parts: str) -> str:
 
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5) -> T:
-    """Run `fn`, retrying transient failures with exponential backoff; raise StorageError at the end.
+    """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end.
 
     FileNotFoundError and PermissionError are not transient: they are raised at once. Neither is a
-    full disk, a quota or a read-only file system: StorageError at once, saying so.
+    full disk, a quota or a read-only file system: StorageFull at once, saying so.
     """
     for attempt in range(retries + 1):
         try:
             return fn()
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MemoryError):
             raise
-        except OSError as err:
-            if err.errno in PERMANENT_ERRNOS:
+        except Exception as err:  # network errors come in many types across back-ends
+            if isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS:
                 raise StorageFull(f"{what} failed: {os.strerror(err.errno)}; free space there (or choose another "
                                   "place), then start again: retrying would not help") from err
             if attempt == retries:
-                raise StorageError(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: {err}") from err
-            delay = base_delay * 2**attempt
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
-            time.sleep(delay)
-        except Exception as err:  # network errors come in many types across back-ends
-            if attempt == retries:
-                raise StorageError(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: {err}") from err
+                raise StorageUnavailable(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: "
+                                         f"{err}") from err
             delay = base_delay * 2**attempt
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
             time.sleep(delay)

@@ -25,7 +25,7 @@ from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, p
 from gpt2.checkpoint.lease import Lease, submission_of
 from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
-from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, Gpt2Error, LeaseHeld, exit_code
+from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, Gpt2Error, LeaseHeld, exit_code
 from gpt2.evaluator import Evaluator
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
 from gpt2.microbatch import choose_micro_batch
@@ -287,8 +287,8 @@ class Trainer:
         """The end of this attempt in the ledger, unless another attempt took the run over (then
         that one records it)."""
         if self.lease is None or not self.lease.superseded:
-            try:
-                self.metrics.attempt_ended(self.progress.step, code, reason)
+            try:  # after an outage the lease is unconfirmed, yet this end is ours to record (if no successor did)
+                self.metrics.attempt_ended(self.progress.step, code, reason, unconfirmed=code == EXIT_STORAGE)
             except Gpt2Error as err:  # e.g. the logging disk is full: the exit code and message still say why
                 log.warning(f"could not record the end of this attempt: {err}")
 
@@ -373,7 +373,7 @@ def take_lease(cfg: CheckpointConfig, is_main: bool) -> Lease | None:
         with phase("taking the run's lease", ceiling=True):
             try:
                 lease = Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries,
-                              wait_s=cfg.lease_wait_s).acquire(cfg.take_over)
+                              wait_s=cfg.lease_wait_s, outage_s=cfg.outage_s).acquire(cfg.take_over)
             except LeaseHeld as err:
                 refused = err
     refused_text = distributed.broadcast_object(str(refused) if refused else None)

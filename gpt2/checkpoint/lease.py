@@ -44,7 +44,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gpt2.errors import LeaseHeld, LeaseLost, StorageError
+from gpt2.errors import LeaseHeld, LeaseLost, StorageError, StorageUnavailable
 from gpt2.storage import create_exclusive, filesystem, join, supports_exclusive_create, with_retries, write_bytes
 from gpt2.watchdog import beat
 
@@ -192,6 +192,7 @@ class Lease:
     retries: int = 5
     owner: Owner = field(default_factory=Owner.of_this_process)
     wait_s: float = 600.0  # how long to wait for a live holder of the same submission, or a stopping one
+    outage_s: float = float("inf")  # how long training goes on without a renewal before the attempt ends
 
     def __post_init__(self) -> None:
         self.directory = self.directory.rstrip("/")
@@ -429,10 +430,18 @@ class Lease:
         return self.lost is None and time.monotonic() - self._confirmed < self.ttl_s / 2
 
     def check(self) -> None:
-        """Per step, without storage access: LeaseLost once superseded. (A holder that was frozen or
-        cannot renew is not yet superseded, but `may_write` is False until its next renewal.)"""
+        """Per step, without storage access: LeaseLost once superseded; StorageUnavailable once no
+        renewal succeeded for `outage_s`. (A holder that was frozen or cannot renew for a while is
+        not superseded, but `may_write` is False until its next renewal.)"""
         if self.lost is not None:
             raise LeaseLost(self.lost + "; stopping without writing anything more. The other trainer goes on.")
+        unconfirmed = time.monotonic() - self._confirmed
+        if unconfirmed > self.outage_s:
+            raise StorageUnavailable(
+                f"checkpoint.dir {self.directory} has not answered for {unconfirmed:.0f} s "
+                f"(checkpoint.outage_s={self.outage_s:g}): the run's lease could not be renewed, so nothing was "
+                "saved or recorded meanwhile. Check that the storage is up and reachable from this node (its "
+                "endpoint, credentials, network); a restart of the job resumes from the last checkpoint")
 
     def fence(self) -> None:
         """Right before a write that must come from the holder (a commit marker, pruning): LeaseLost

@@ -232,8 +232,9 @@ def pytorchjob(s: Shared) -> dict[str, Any]:
             "pytorchReplicaSpecs": {
                 "Worker": {
                     "replicas": s.opts.nodes,
-                    # 128-255 (signals, our preemption code 200) restart the pod, which resumes from the
-                    # newest checkpoint; 1-127 (config or data errors) fail the job instead of looping
+                    # 128-255 (signals, our codes 200 preempted, 201 hung, 202 storage unreachable) restart
+                    # the pod, which resumes from the newest checkpoint; 1-127 (config or data errors) fail
+                    # the job instead of looping
                     "restartPolicy": "ExitCode",
                     "template": {"metadata": {"labels": {"app.kubernetes.io/part-of": "gpt2"}}, "spec": pod_spec},
                 }

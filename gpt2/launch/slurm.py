@@ -33,7 +33,7 @@ from typing import Any
 
 from gpt2 import logs
 from gpt2.config import Config
-from gpt2.errors import Gpt2Error, exit_code
+from gpt2.errors import EXIT_HUNG, EXIT_STORAGE, Gpt2Error, exit_code
 from gpt2.launch.common import (
     RDZV_PORT,
     TRAINER_ENV,
@@ -363,6 +363,10 @@ class JobTask:
         if code != 0:
             if int(os.environ.get("SLURM_PROCID", "0")) != 0:
                 time.sleep(60)  # a preempted peer: task 0 is about to requeue the job, which ends us
+            elif code in (EXIT_HUNG, EXIT_STORAGE) and int(restart) < self.plan.executor_params["max_num_timeout"]:
+                log.info(f"[gpt2] the trainers exited {code} (retryable); requeueing job {os.environ['SLURM_JOB_ID']}")
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
+                time.sleep(60)  # the requeue ends this task
             raise RuntimeError(f"{shlex.join(cmd[:3])} exited with {code}; see the log above")
         return code
 
