@@ -82,6 +82,12 @@ def read_attempts(text: str) -> list[dict]:
     return _json_lines(text)
 
 
+def _order(record: dict) -> tuple[int, int]:
+    """Where an attempt (or one of its step records) stands in the run: by lease generation, which
+    only grows, then by attempt number (records from before generations were recorded come first)."""
+    return record.get("generation") or 0, record.get("attempt") or 0
+
+
 def current_steps(steps_text: str, attempts: list[dict]) -> dict[int, dict]:
     """The step records of the run's current trajectory, by step, from a steps.jsonl and its ledger.
 
@@ -89,13 +95,13 @@ def current_steps(steps_text: str, attempts: list[dict]) -> dict[int, dict]:
     record at or after r of the attempts before it: a branch abandoned by a rollback, the steps a
     failed attempt trained after its last checkpoint, and whatever a superseded writer still wrote.
     Of the records left, the last one of each step counts."""
-    resumed = {a["attempt"]: a.get("resumed_from_step") or 0 for a in attempts if a.get("event") == "start"}
+    starts = sorted((a for a in attempts if a.get("event") == "start"), key=_order)
     cut, lowest = {}, math.inf
-    for n in sorted(resumed, reverse=True):
-        cut[n], lowest = lowest, min(lowest, resumed[n])
+    for a in reversed(starts):
+        cut[_order(a)], lowest = lowest, min(lowest, a.get("resumed_from_step") or 0)
     steps: dict[int, dict] = {}
     for r in _json_lines(steps_text):
-        if r.get("attempt") is not None and r["step"] >= cut.get(r["attempt"], math.inf):
+        if r.get("attempt") is not None and r["step"] >= cut.get(_order(r), math.inf):
             continue
         steps[r["step"]] = r
     return steps
@@ -122,6 +128,8 @@ class WriteGate(Protocol):
     """Whether this process may write the run's records now (gpt2.checkpoint.lease.Lease)."""
 
     def may_write(self) -> bool: ...
+
+    def fence(self) -> None: ...
 
     @property
     def superseded(self) -> bool: ...
@@ -152,6 +160,7 @@ class MetricsLogger:
             self.steps_path = Path(log_dir) / STEPS_FILE
         self.attempts_path = Path(log_dir) / ATTEMPTS_FILE
         self.attempt: int | None = None
+        self.generation: int | None = None  # the lease generation of this attempt
         self._held: list[Callable[[], None]] = []
 
     def _persist(self, write: Callable[[], None]) -> None:
@@ -178,7 +187,7 @@ class MetricsLogger:
         """One optimizer step: a jsonl line, the scalars, and the console line every `log_every` steps."""
         if not self.enabled:
             return
-        line = json.dumps({**r.__dict__, "attempt": self.attempt}) + "\n"
+        line = json.dumps({**r.__dict__, "attempt": self.attempt, "generation": self.generation}) + "\n"
 
         def write() -> None:
             with open(self.steps_path, "a") as f:  # type: ignore[arg-type]
@@ -215,24 +224,33 @@ class MetricsLogger:
 
         self._persist(write)
 
-    def attempt_started(self, step: int, record: dict, previous_end: str | None = None) -> None:
+    def attempt_started(self, step: int, record: dict, generation: int | None = None,
+                        superseded: tuple[int, str] | None = None) -> None:
         """The attempt ledger (`attempts.jsonl`, and TensorBoard text): a start record, after an end
-        record for the previous attempt if it left none: `previous_end` says why (the lease knows
-        whom this start superseded), else it was killed."""
+        record for each earlier attempt that left none: `superseded` (the lease generation this
+        start took over from, and why) names the one this start superseded, any other was killed.
+        With a gate, the lease is confirmed on the storage first: a start superseded in the
+        meantime records nothing (LeaseLost)."""
         if not self.enabled:
             return
+        if self.gate is not None:
+            self.gate.fence()
         previous = read_attempts(self.attempts_path.read_text()) if self.attempts_path.exists() else []
         starts = [r for r in previous if r.get("event") == "start"]
         ended = {r.get("attempt") for r in previous if r.get("event") == "end"}
-        self.attempt = len(starts) + 1
-        if starts and starts[-1]["attempt"] not in ended:
-            last = starts[-1]["attempt"]
-            reason = f"superseded by attempt {self.attempt}: {previous_end}" if previous_end else KILLED
-            log.warning(f"attempt {last} of this run (started {starts[-1].get('time_text', '?')}) left no end record: "
-                        f"{reason}")
-            self._append({"event": "end", "attempt": last, "time": time.time(), "exit_code": None,
+        self.attempt, self.generation = len(starts) + 1, generation
+        for start in starts:
+            if start["attempt"] in ended:
+                continue
+            if superseded is not None and start.get("generation") == superseded[0]:
+                reason = f"superseded by attempt {self.attempt}: {superseded[1]}"
+            else:
+                reason = KILLED
+            log.warning(f"attempt {start['attempt']} of this run (started {start.get('time_text', '?')}) left no end "
+                        f"record: {reason}")
+            self._append({"event": "end", "attempt": start["attempt"], "time": time.time(), "exit_code": None,
                           "reason": reason, "inferred": True})
-        self._append({"event": "start", "attempt": self.attempt, "time": time.time(),
+        self._append({"event": "start", "attempt": self.attempt, "generation": generation, "time": time.time(),
                       "time_text": time.strftime("%Y-%m-%d %H:%M:%S"), **record})
         self.text("attempts", f"attempt {self.attempt} started: {json.dumps(record)}", step)
 

@@ -7,6 +7,7 @@ SIGINT and SIGUSR2 finish the current step, save a checkpoint and exit with EXIT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2 import distributed, logs
-from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, plan_resume
+from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, check_fits, plan_resume
 from gpt2.checkpoint.lease import Lease, submission_of
 from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
@@ -102,14 +103,41 @@ class Trainer:
     @classmethod
     def build(cls, cfg: Config, dist: distributed.Dist, watchdog: Watchdog | None = None) -> Trainer:
         """Everything between a parsed config and the first step. What can refuse the start (the
-        config, the checkpoint, the recipe, the data) is checked before the lease is taken, so a
-        refused start disturbs nothing; only the lease holder then moves checkpoints aside, records
-        a new lineage, prepares data and writes the ledger."""
+        config, the checkpoint, the model's fit, the recipe, the data) is checked before the lease
+        is taken, so a refused start disturbs nothing; only the lease holder then prepares data,
+        writes the ledger, moves checkpoints aside and records a new lineage."""
         n_vocab = tokenizer_class(cfg.tokenizer.name).n_vocab
         if n_vocab > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer '{cfg.tokenizer.name}' has {n_vocab} ids but model.vocab_size is "
                               f"{cfg.model.vocab_size}")
-        plan = plan_resume(cfg.checkpoint, dist.is_main, submission_of(dict(os.environ)))
+        submission = submission_of(dict(os.environ))
+        start = cls.decide(cfg, dist, submission)
+        start.lease = take_lease(cfg.checkpoint, dist.is_main)
+        try:
+            # another trainer held the run before (this start may have watched or waited): what it
+            # resumes from is decided again, on what that trainer left
+            if distributed.broadcast_object(bool(start.lease and start.lease.took_over)):
+                start = dataclasses.replace(cls.decide(cfg, dist, submission), lease=start.lease)
+            if cfg.data.auto_prepare:
+                ensure_data(cfg, dist.is_main)
+            distributed.barrier()
+            if start.data is None:  # the corpus, now that it is prepared
+                start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+                start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
+            start.hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))  # type: ignore[arg-type]
+            return cls(cfg, dist, start, watchdog)
+        except BaseException:
+            if start.lease is not None:
+                start.lease.release()
+            raise
+
+    @staticmethod
+    def decide(cfg: Config, dist: distributed.Dist, submission: str | None) -> StartUp:
+        """What this start resumes from and how it goes on, reading only: every check that can refuse it."""
+        plan = plan_resume(cfg.checkpoint, dist.is_main, submission)
+        if plan.point is not None and plan.point.state is not None:
+            with torch.device("meta"):  # shapes only, no memory
+                check_fits(plan.point, {"model": build_model(cfg.model)})
         micro_batch, notes = cfg.train.micro_batch, []
         if micro_batch == "auto":
             micro_batch, why = choose_micro_batch(cfg, dist, plan.point)
@@ -119,25 +147,9 @@ class Trainer:
         if not cfg.data.auto_prepare:
             ensure_data(cfg, dist.is_main)  # waits for another job's data, or returns
         data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
-        meta = plan.point.meta if plan.point else None
-        going_on = continuation(meta, cfg, data)  # the recipe check (the corpus once it is prepared)
-        lease = take_lease(cfg.checkpoint, dist.is_main)
-        try:
-            if dist.is_main:
-                apply_plan(cfg.checkpoint, plan, lease.fence if lease else lambda: None)
-            if cfg.data.auto_prepare:
-                ensure_data(cfg, dist.is_main)
-            distributed.barrier()
-            if data is None:
-                data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
-                going_on = continuation(meta, cfg, data)
-            hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))
-            start = StartUp(micro_batch, plan, lease, data, going_on, notes, hosts)  # type: ignore[arg-type]
-            return cls(cfg, dist, start, watchdog)
-        except BaseException:
-            if lease is not None:
-                lease.release()
-            raise
+        # the recipe check; with data still to prepare, the corpus is compared once it is there
+        going_on = continuation(plan.point.meta if plan.point else None, cfg, data)
+        return StartUp(micro_batch, plan, None, data, going_on, notes)  # type: ignore[arg-type]
 
     def __init__(self, cfg: Config, dist: distributed.Dist, start: StartUp, watchdog: Watchdog | None = None):
         self.cfg, self.dist, self.device, self.micro_batch = cfg, dist, dist.device, start.micro_batch
@@ -182,6 +194,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.train.seq_len)
         self.peak_flops, self.device_name = device_peak_flops(self.device, self.dtype)
         self.announce(n_params)
+        if dist.is_main and start.plan is not None:  # only now, with this attempt on record
+            apply_plan(cfg.checkpoint, start.plan, self.lease.fence if self.lease else lambda: None)
 
     def announce(self, n_params: int) -> None:
         """Say what this run is: on the console, in the attempt ledger, and once per start in TensorBoard."""
@@ -203,14 +217,15 @@ class Trainer:
         took_over = lease.took_over if lease else None
         self.metrics.attempt_started(self.progress.step, {
             "hosts": start.hosts, "world_size": dist.world_size, "job_id": lease.owner.submission if lease else None,
-            "pid": os.getpid(), "generation": lease.generation if lease else None,
+            "pid": os.getpid(),
             "micro_batch": self.micro_batch, "resumed_from_step": self.progress.step if start.resume else None,
             "checkpoint": start.resume.url if start.resume else None,
             "lineage": plan.lineage.id if plan else None, "began": plan.begins if plan else None,
             "checkpoint_dir": cfg.checkpoint.dir if "://" in cfg.checkpoint.dir
             else os.path.abspath(cfg.checkpoint.dir),
             "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens},
-            previous_end=None if took_over is None or took_over.gone or took_over.previous is None else took_over.why)
+            generation=lease.generation if lease else None,
+            superseded=(took_over.generation, took_over.superseded) if took_over and took_over.superseded else None)
         self.metrics.start(self.progress.step, {
             "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
             "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,

@@ -13,6 +13,7 @@ from gpt2.checkpoint.checkpointer import (
     ResumePoint,
     Stateful,
     apply_plan,
+    check_fits,
     find_resume_point,
     plan_resume,
 )
@@ -34,6 +35,7 @@ from gpt2.errors import CheckpointError
 
 __all__ = [
     "MARKER", "STATE_FILE", "CheckpointError", "CheckpointInfo", "CheckpointStore", "Checkpointer", "Lineage",
-    "ResumePlan", "ResumePoint", "Stateful", "apply_plan", "find_resume_point", "is_checkpoint", "load_checkpoint",
-    "load_state", "plan_resume", "read_lineage", "read_meta", "resolve_checkpoint", "state_path", "step_dir_name",
+    "ResumePlan", "ResumePoint", "Stateful", "apply_plan", "check_fits", "find_resume_point", "is_checkpoint",
+    "load_checkpoint", "load_state", "plan_resume", "read_lineage", "read_meta", "resolve_checkpoint", "state_path",
+    "step_dir_name",
 ]

@@ -136,6 +136,29 @@ def _plan_auto(cfg: CheckpointConfig, store: CheckpointStore, current: Lineage |
     return ResumePlan(None, lineage, None, move)
 
 
+def check_fits(point: ResumePoint, parts: dict[str, torch.nn.Module]) -> None:
+    """CheckpointError if the state at `point` does not fit these modules (names and shapes), e.g. a
+    model of another size: before anything is loaded, moved or recorded. Modules on the meta device
+    do."""
+    for name, module in parts.items():
+        theirs = (point.state or {}).get(name)
+        if not isinstance(theirs, dict):
+            raise _misfit(point, name, KeyError(f"no '{name}' entry"))
+        ours = module.state_dict()
+        for key, tensor in ours.items():
+            if key not in theirs or tuple(theirs[key].shape) != tuple(tensor.shape):
+                got = tuple(theirs[key].shape) if key in theirs else "nothing"
+                raise _misfit(point, name, ValueError(f"{key}: {got} in the checkpoint, {tuple(tensor.shape)} here"))
+
+
+def _misfit(point: ResumePoint, name: str, err: Exception) -> CheckpointError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else f"no '{name}' entry"
+    return CheckpointError(
+        f"{point.url} does not fit this run's {name} ({detail}): it was written by a run with another "
+        "configuration (e.g. another model size). Resume with the config it was written with "
+        "(python -m gpt2.checkpoint inspect shows it), or start apart with another checkpoint.dir")
+
+
 def apply_plan(cfg: CheckpointConfig, plan: ResumePlan, fence: Callable[[], None] = lambda: None) -> None:
     """After the lease: move aside what the plan abandons or found corrupt, and record a new
     lineage, saying what was done (the writer only)."""
@@ -205,12 +228,7 @@ class Checkpointer:
             try:
                 part.load_state_dict(state[name])
             except (KeyError, RuntimeError, ValueError) as err:
-                detail = str(err).strip().splitlines()[0] if str(err).strip() else f"no '{name}' entry"
-                raise CheckpointError(
-                    f"{point.url} does not fit this run's {name} ({detail}): it was written by a run with another "
-                    "configuration (e.g. another model size). Resume with the config it was written with "
-                    "(python -m gpt2.checkpoint inspect shows it), or start apart with another checkpoint.dir"
-                ) from None
+                raise _misfit(point, name, err) from None
         point.state = None  # the parts hold it now
 
     def check_lease(self) -> None:
@@ -234,7 +252,10 @@ class Checkpointer:
             distributed.barrier()  # the other ranks wait here, in this phase, not in the next step's collective
 
     def save_final(self, step: int, why: str) -> None:
-        """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails."""
+        """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.
+        The lease says `stopping` first, so that a start that finds it waits for its release."""
+        if self.lease is not None:
+            self.lease.mark_stopping()
         try:
             self.wait()
         except LeaseLost:

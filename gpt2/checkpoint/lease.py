@@ -180,6 +180,13 @@ class TakeOver:
     why: str
     gone: bool = False  # provably dead, not superseded: the ledger says "killed"
     stale: bool = False
+    generation: int = 0  # the previous holder's generation
+
+    @property
+    def superseded(self) -> str | None:
+        """The end reason of the previous holder's attempt if this start superseded it (None: it
+        released the lease, or its process is gone, i.e. killed)."""
+        return None if self.gone or self.previous is None or "released it" in self.why else self.why
 
 
 @dataclass
@@ -216,9 +223,10 @@ class Lease:
     def _path(self, generation: int) -> str:
         return join(self.root, f"{generation:08d}")
 
-    def _generations(self) -> list[int]:
+    def _generations(self, retries: int | None = None) -> list[int]:
         try:
-            entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.root}", self.retries)
+            entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.root}",
+                                   self.retries if retries is None else retries)
         except FileNotFoundError:
             return []
         found = (_GENERATION.match(p.rstrip("/").rsplit("/", 1)[-1]) for p in entries)
@@ -242,9 +250,10 @@ class Lease:
         return Held(top, raw, record)
 
     def _newer_exists(self, retries: int | None = None) -> bool:
-        path = self._path(self.generation + 1)
-        return bool(with_retries(lambda: self.fs.exists(path), f"checking {path}",
-                                 self.retries if retries is None else retries))
+        """Whether this holder was superseded: a higher generation exists, or our own record is gone
+        (pruned by a holder several generations later)."""
+        generations = self._generations(retries)
+        return self.generation not in generations or generations[-1] > self.generation
 
     # ---- taking it -----------------------------------------------------------------------------
 
@@ -268,7 +277,7 @@ class Lease:
                             f"same moment as this start (generation {generation}); this start gives way and writes "
                             "nothing")
         if why is not None and held is not None:
-            why.previous = held.record["owner"] if held.record else None
+            why.previous, why.generation = (held.record["owner"] if held.record else None), held.generation
             log.info(f"took over the lease of {self.directory} (generation {generation}): {why.why}")
         self.took_over = why
         self._prune(generation)
@@ -387,6 +396,8 @@ class Lease:
                 if time.monotonic() >= next_renewal:
                     self._write_own()
                     next_renewal = time.monotonic() + self.ttl_s / 4
+                    if self.lost is not None:
+                        return
             except (StorageError, OSError) as err:
                 now = time.monotonic()
                 if now - self._warned_at > self.ttl_s / 4:
@@ -403,13 +414,18 @@ class Lease:
             if self.lost is not None:
                 return
             started = time.monotonic()
-            if not self.exclusive and not self._ours():
+            # never recreate or overwrite a record that is no longer the lease: check before writing,
+            # and again after (a take-over may land while this process was frozen in between)
+            if self._newer_exists(retries=1) or (not self.exclusive and not self._ours()):
                 self._lose()
                 return
             self.beat += 1
             self.state = state or self.state
             path = self._path(self.generation)
             with_retries(lambda: write_bytes(self.fs, path, self._record(self.generation)), f"renewing {path}", 1)
+            if self._newer_exists(retries=1):
+                self._lose()
+                return
             self._confirmed = started
         finally:
             self._lock.release()

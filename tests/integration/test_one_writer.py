@@ -231,6 +231,10 @@ def test_a_second_start_with_the_same_job_identity_waits_and_a_refused_one_distu
             stop(second)
     assert "released it" in (run / "second.log").read_text()
     ledger = attempts(run / "tb")
+    # it decided again once it held the lease: it resumed from the preemption checkpoint the holder left
+    held_until = next(a["step"] for a in ledger if a["event"] == "end")
+    second_start = next(a for a in ledger if a["event"] == "start" and a["pid"] == second.pid)
+    assert second_start["resumed_from_step"] == held_until
     assert [a["pid"] for a in ledger if a["event"] == "start"] == [holder.pid, second.pid]
     assert [a["exit_code"] for a in ledger if a["event"] == "end"] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
     got = steps(run)
@@ -248,6 +252,12 @@ def test_a_rollback_and_a_start_over_in_one_directory_then_plain_restarts_follow
     assert first.returncode == 0, first.stderr[-3000:]
     original = {s: r["loss"] for s, r in steps(run).items()}
     assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000015", "step-00000020"]
+
+    # a rollback that cannot fit (another model size) is refused before it touches anything
+    before = {p.relative_to(run): p.read_bytes() for p in (ckpt, tb) for p in p.rglob("*") if p.is_file()}
+    misfit = train(run, extra=dict(base, **{"checkpoint.resume": ckpt / "step-00000015", "model.n_embd": 64}))
+    assert misfit.returncode == EXIT_ERROR and "does not fit this run's model" in misfit.stderr
+    assert {p.relative_to(run): p.read_bytes() for p in (ckpt, tb) for p in p.rglob("*") if p.is_file()} == before
 
     # a loss spike after step 15: roll back to it with a lower lr
     lower = {"checkpoint.resume": ckpt / "step-00000015", "optim.lr": 1e-3, "optim.min_lr": 1e-4}

@@ -242,3 +242,45 @@ def test_node_identity_tells_processes_of_this_machine_apart_from_other_pid_name
     assert me.gone()
     me.node = "other-boot/pid:[1]"
     assert not me.gone()  # cannot tell from here: never a fast path
+
+
+def test_a_holder_frozen_through_several_take_overs_never_comes_back(tmp_path):
+    """Generations pruned behind the newest holders: the frozen first holder's own record is gone,
+    and it must count that as superseded, never recreate it and write again."""
+    frozen = lease(tmp_path).acquire()
+    frozen._stop.set()
+    frozen._thread.join()
+    for _ in range(4):  # four later holders, one after the other
+        lease(tmp_path).acquire(take_over=True).release()
+    assert not (tmp_path / LEASE_DIR / "00000001").exists() and not (tmp_path / LEASE_DIR / "00000002").exists()
+    frozen._confirmed -= TTL  # it wakes up: its last renewal is long ago
+    with pytest.raises(LeaseLost):
+        frozen.fence()
+    assert not (tmp_path / LEASE_DIR / "00000001").exists() and frozen.superseded and not frozen.may_write()
+
+
+def test_a_superseded_start_records_nothing_in_the_ledger(tmp_path):
+    from gpt2.metrics import MetricsLogger
+
+    first = lease(tmp_path).acquire()
+    lease(tmp_path).acquire(take_over=True)  # before the first wrote its start record
+    metrics = MetricsLogger(str(tmp_path / "tb"), True, 10, gate=first)
+    with pytest.raises(LeaseLost):
+        metrics.attempt_started(0, {"pid": os.getpid()}, generation=first.generation)
+    metrics.close()
+    assert not (tmp_path / "tb" / "attempts.jsonl").exists()
+
+
+def test_a_final_save_marks_the_lease_stopping_until_it_is_released(tmp_path):
+    from helpers.parts import Part
+
+    from gpt2.checkpoint import Checkpointer
+    from gpt2.config import CheckpointConfig
+
+    holder = lease(tmp_path).acquire()
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path)), parts={"progress": Part({"step": 1})},
+                      describe=lambda s: {"config": {}}, lease=holder)
+    ck.save_final(1, "preemption")
+    assert record(tmp_path, 1)["state"] == "stopping"  # a start that watches it now waits instead of giving up
+    holder.release()
+    assert record(tmp_path, 1)["state"] == "released"
