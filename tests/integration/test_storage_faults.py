@@ -126,10 +126,10 @@ def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(t
 @pytest.mark.s3
 def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_resumes(tmp_path, s3_server, s3_url):
     """checkpoint.dir on the S3 server of the tests, which is stopped and started again. With the
-    shipped defaults a 75 s outage (longer than the lease's ttl/2, after which nothing may be written)
+    shipped defaults a 70 s outage (longer than the lease's ttl/2, after which nothing may be written)
     is ridden out: training goes on, the step records held back meanwhile are written once the lease
     is renewed, and the run finishes with every step once. An outage longer than checkpoint.outage_s
-    (lowered to 90 s here) ends the attempt with EXIT_STORAGE and a message naming the storage; the
+    (lowered to 60 s here, the ttl) ends the attempt with EXIT_STORAGE and a message naming the storage; the
     next attempt resumes from the last checkpoint."""
     ckpt_url = f"{s3_url}/ckpt"
     extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
@@ -139,7 +139,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", first, tmp_path / "first.log",
                    timeout=300)
         s3_server.stop()
-        time.sleep(75)
+        time.sleep(70)
         s3_server.start()
         assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
@@ -150,7 +150,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
     assert "could not renew the lease" in text and "holding back step records" in text, text[-3000:]
     assert sorted(steps(tmp_path)) == list(range(700))  # nothing lost, nothing twice
 
-    second = popen_train(tmp_path, extra=dict(extra, **{"checkpoint.outage_s": 90}), log_name="second.log")
+    second = popen_train(tmp_path, extra=dict(extra, **{"checkpoint.outage_s": 60}), log_name="second.log")
     try:
         wait_until(lambda: max(steps(tmp_path)) >= 760, "the second attempt's steps", second,
                    tmp_path / "second.log", timeout=300)
@@ -162,7 +162,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         stop(second)
         s3_server.start()
     text = (tmp_path / "second.log").read_text()
-    assert code == 202 and 90 <= took < 150, (code, took, text[-3000:])
+    assert code == 202 and 60 <= took < 120, (code, took, text[-3000:])
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors and f"checkpoint.dir {ckpt_url} has not answered for" in errors[-1], errors
     ledger = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]

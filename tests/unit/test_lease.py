@@ -64,8 +64,8 @@ def race(url: str, storage_options: dict | None = None, processes: int = 4, roun
 
 
 def test_of_processes_creating_a_generation_at_the_same_instant_exactly_one_succeeds(tmp_path):
-    wins = race(str(tmp_path), rounds=200)
-    assert wins == {r: 1 for r in range(200)}
+    wins = race(str(tmp_path), rounds=100)
+    assert wins == {r: 1 for r in range(100)}
 
 
 @pytest.mark.s3
