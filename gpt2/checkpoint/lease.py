@@ -265,11 +265,11 @@ class Lease:
             log.warning(f"{self.directory} does not support conditional writes (If-None-Match): the run's lease falls "
                         f"back to writing and reading back after {SETTLE_S:g} s; two trainers started within that "
                         "window may both train until the first renewal (README, 'When things go wrong')")
-        held = self.current()
-        why: TakeOver | None = None
+        held, why = self.current(), None
         if held is not None:
-            why = self._fast_path(held, take_over) or self._watch(held)
-            held = self._last_seen
+            why = self._fast_path(held, take_over)
+            if why is None:
+                why, held = self._watch(held)  # the record as last seen: the next generation is ours to create
         generation = held.generation + 1 if held else 1
         if not self._create(generation):
             other = self.current()
@@ -286,7 +286,7 @@ class Lease:
         return self
 
     def _fast_path(self, held: Held, take_over: bool) -> TakeOver | None:
-        self._last_seen = held
+        """Why this start may take the lease from `held` at once, or None."""
         owner = held.owner
         if held.state == "released":
             return TakeOver(None, f"{held.who()} released it")
@@ -298,9 +298,10 @@ class Lease:
             return TakeOver(None, f"this start is a later attempt of the same job ({held.who()} held it)")
         return None
 
-    def _watch(self, held: Held) -> TakeOver:
-        """Watch a held lease with this process's monotonic clock: TakeOver once it stayed the same
-        for a full ttl (or was released); LeaseHeld when another submission's holder renews it."""
+    def _watch(self, held: Held) -> tuple[TakeOver, Held]:
+        """Watch a held lease with this process's monotonic clock: (why, the record as last seen)
+        once it stayed the same for a full ttl (or was released); LeaseHeld when another
+        submission's holder renews it, or a holder of the same job outlasts `wait_s`."""
         owner = held.owner
         same_job = owner is not None and self.owner.submission is not None and owner.submission == self.owner.submission
         written = held.record.get("written", "?") if held.record else "?"
@@ -315,17 +316,17 @@ class Lease:
             now_held = self.current()
             now = time.monotonic()
             if now_held is None:
-                return TakeOver(None, "the lease was removed")
+                return TakeOver(None, "the lease was removed"), held
             if (now_held.generation, now_held.raw) == (held.generation, held.raw):
                 if now - unchanged_since >= self.ttl_s:
                     return TakeOver(None, f"its holder, {held.who()}, did not renew it while this start watched for "
                                           f"{now - unchanged_since:.0f} s (checkpoint.lease_ttl_s={self.ttl_s:g}): "
-                                          "it is frozen, cut off, or gone on another host", stale=True)
+                                          "it is frozen, cut off, or gone on another host", stale=True), held
                 continue
             held, owner, unchanged_since = now_held, now_held.owner, now
             fast = self._fast_path(held, take_over=False)
             if fast is not None:
-                return fast
+                return fast, held
             if not (same_job or held.state == "stopping"):
                 raise LeaseHeld(
                     f"another trainer holds this run: {held.who()} renewed its lease in {self.root} while this start "
@@ -342,7 +343,6 @@ class Lease:
                 kind = "stopping" if held.state == "stopping" else "an earlier attempt of this job"
                 log.info(f"waiting for the lease of {self.directory}: its holder, {held.who()}, is {kind} and still "
                          f"renews it (waited {now - started:.0f} s of at most {self.wait_s:g})")
-            self._last_seen = held
 
     def _record(self, generation: int) -> bytes:
         return json.dumps({"generation": generation, "owner": asdict(self.owner), "beat": self.beat,
