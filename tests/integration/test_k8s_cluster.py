@@ -149,16 +149,30 @@ def test_the_volume_binds_and_the_preparation_job_writes_the_shards_as_uid_1000(
 
 def watch_exit_codes(env: dict[str, str], namespace: str, name: str, seen: list[int], stop: threading.Event):
     """Record the exit code of every terminated state of pod `name` (the watch sees the kubelet's last
-    status update, which a poll can miss before the pod object is removed)."""
+    status update, which a poll can miss before the pod object is removed). Each reconnect resumes from the
+    last resource version seen, so no update falls between two streams; an error reconnects instead of
+    ending the thread (a dead watcher would read as "no exit seen")."""
     from kubernetes import client, config, watch
+    from kubernetes.client.exceptions import ApiException
 
     api = client.CoreV1Api(config.new_client_from_config(env["KUBECONFIG"]))
+    resource_version = None
     while not stop.is_set():
-        for event in watch.Watch().stream(api.list_namespaced_pod, namespace, field_selector=f"metadata.name={name}",
-                                          timeout_seconds=5):
-            for status in event["object"].status.container_statuses or []:
-                if status.state.terminated is not None:
-                    seen.append(status.state.terminated.exit_code)
+        w = watch.Watch()
+        try:
+            for event in w.stream(api.list_namespaced_pod, namespace, field_selector=f"metadata.name={name}",
+                                  timeout_seconds=5, **({"resource_version": resource_version}
+                                                        if resource_version else {})):
+                resource_version = event["object"].metadata.resource_version
+                for status in event["object"].status.container_statuses or []:
+                    if status.state.terminated is not None:
+                        seen.append(status.state.terminated.exit_code)
+        except ApiException as e:
+            if e.status == 410:  # the version is too old: list afresh
+                resource_version = None
+            time.sleep(0.5)
+        except Exception:  # a dropped connection: reconnect from where the watch was
+            time.sleep(0.5)
 
 
 def reference_losses(tmp: Path, data: Path) -> dict[int, float]:
