@@ -142,6 +142,10 @@ class TrainConfig:
     # seconds exits with EXIT_HUNG, so torchrun or the cluster restarts the job from its last
     # checkpoint; also the process-group timeout. 0 disables both (then torch's 30 min default).
     hang_timeout_s: int = 600
+    # A crash loop stops: a start of a scheduler job (SLURM requeue, torchrun or pod restart) whose
+    # last this-many attempts each failed (an exit other than 0 or 200, or killed) from the checkpoint
+    # it would resume from exits with EXIT_CRASH_LOOP, which no launcher restarts. 0: no limit.
+    max_failed_restarts: int = 3
     # Resume with another train.total_batch_tokens than the checkpoint's: the data position then
     # continues by tokens seen (no row skipped or read twice). Without it such a resume is refused.
     allow_batch_change: bool = False
@@ -382,6 +386,7 @@ def validate(config: Config) -> None:
     non_negatives = {
         "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
         "train.stop_at_step": t.stop_at_step, "train.hang_timeout_s": t.hang_timeout_s,
+        "train.max_failed_restarts": t.max_failed_restarts,
         "eval.val_every": e.val_every, "eval.val_batches": e.val_batches, "eval.hellaswag_every": e.hellaswag_every,
         "eval.hellaswag_limit": e.hellaswag_limit, "eval.sample_every": e.sample_every,
         "data.workers": d.workers, "data.val_tokens": d.val_tokens, "data.wait_for_data_s": d.wait_for_data_s,

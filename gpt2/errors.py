@@ -11,6 +11,9 @@ EXIT_ERROR = 1
 EXIT_CONFIG = 2
 # The loss went NaN/inf and stayed there (optim.max_skipped_steps): a restart would not help.
 EXIT_DIVERGED = 3
+# The run's last train.max_failed_restarts attempts each failed from the same checkpoint (a crash
+# loop): another restart would repeat it, so every launcher must stop (below 128 for Kubeflow).
+EXIT_CRASH_LOOP = 4
 # Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
 # restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
 EXIT_PREEMPTED = 200
@@ -68,6 +71,10 @@ class TrainingDiverged(Gpt2Error, RuntimeError):
     """The gradient norm stayed NaN or infinite: training cannot go on from here."""
 
 
+class CrashLoop(Gpt2Error, RuntimeError):
+    """The run's last attempts all failed from the same checkpoint: a restart would repeat it."""
+
+
 class HellaSwagUnavailable(Gpt2Error, RuntimeError):
     """The HellaSwag file is neither given nor downloadable."""
 
@@ -99,6 +106,7 @@ EXIT_CODES: dict[type[Gpt2Error], int] = {
     PlotError: EXIT_CONFIG,
     StatusError: EXIT_CONFIG,
     TrainingDiverged: EXIT_DIVERGED,
+    CrashLoop: EXIT_CRASH_LOOP,
     StorageUnavailable: EXIT_STORAGE,
     Gpt2Error: EXIT_ERROR,
 }

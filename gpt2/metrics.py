@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from gpt2.errors import StorageError, StorageFull
+from gpt2.errors import EXIT_OK, EXIT_PREEMPTED, StorageError, StorageFull
 from gpt2.storage import PERMANENT_ERRNOS, ensure_directory
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,28 @@ def _json_lines(text: str) -> list[dict]:
 def read_attempts(text: str) -> list[dict]:
     """The records of an attempts.jsonl (a line cut short by a kill is skipped)."""
     return _json_lines(text)
+
+
+def read_ledger(log_dir: str) -> list[dict]:
+    """The records of the attempt ledger in (local) `log_dir`; none when there is none yet."""
+    path = Path(log_dir) / ATTEMPTS_FILE
+    return read_attempts(path.read_text()) if path.exists() else []
+
+
+def failed_in_a_row(attempts: list[dict], job: str, resume_step: int) -> list[dict]:
+    """The latest attempts of scheduler job `job` that each resumed from `resume_step` (0: from
+    scratch) and failed, newest first, each with its end record under "end" (None: it left none).
+    Failed: an exit other than finished (0) or preempted (200), or killed; not superseded."""
+    ends = {r.get("attempt"): r for r in attempts if r.get("event") == "end"}
+    streak = []
+    for start in sorted((a for a in attempts if a.get("event") == "start"), key=_order, reverse=True):
+        end = ends.get(start.get("attempt"))
+        failed = end is None or (end.get("exit_code") not in (EXIT_OK, EXIT_PREEMPTED)
+                                 and not str(end.get("reason", "")).startswith("superseded"))
+        if start.get("job_id") != job or (start.get("resumed_from_step") or 0) != resume_step or not failed:
+            break
+        streak.append({**start, "end": end})
+    return streak
 
 
 def _order(record: dict) -> tuple[int, int]:
@@ -235,7 +257,7 @@ class MetricsLogger:
             return
         if self.gate is not None:
             self.gate.fence()
-        previous = read_attempts(self.attempts_path.read_text()) if self.attempts_path.exists() else []
+        previous = read_ledger(self.log_dir)
         starts = [r for r in previous if r.get("event") == "start"]
         ended = {r.get("attempt") for r in previous if r.get("event") == "end"}
         self.attempt, self.generation = len(starts) + 1, generation

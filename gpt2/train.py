@@ -26,9 +26,19 @@ from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, c
 from gpt2.checkpoint.lease import Lease, submission_of
 from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
-from gpt2.errors import EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, EXIT_STORAGE, Gpt2Error, LeaseHeld, exit_code
+from gpt2.errors import (
+    EXIT_ERROR,
+    EXIT_HUNG,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_STORAGE,
+    CrashLoop,
+    Gpt2Error,
+    LeaseHeld,
+    exit_code,
+)
 from gpt2.evaluator import Evaluator
-from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, mfu
+from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, failed_in_a_row, mfu, read_ledger
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
@@ -93,6 +103,28 @@ class StartUp:
         return self.plan.point if self.plan else None
 
 
+def refuse_crash_loop(cfg: Config, submission: str | None, plan: ResumePlan) -> None:
+    """CrashLoop when the last train.max_failed_restarts attempts of this scheduler job each failed
+    from the checkpoint this start would resume from: restarting again would only repeat that."""
+    limit = cfg.train.max_failed_restarts
+    if not limit or submission is None:  # a start by hand is a decision of its own
+        return
+    step = int(plan.point.meta.get("step", 0)) if plan.point else 0
+    streak = failed_in_a_row(read_ledger(cfg.logging.dir), submission, step)
+    if len(streak) < limit:
+        return
+    where = f"checkpoint {plan.point.url} (step {step})" if plan.point else "the start (no checkpoint yet)"
+    failures = "; ".join(
+        f"attempt {a['attempt']}: " + (f"exit {a['end']['exit_code']}, {a['end'].get('reason', '')}"[:200]
+                                      if a["end"] and a["end"].get("exit_code") is not None
+                                      else "killed (no end record: SIGKILL, out of memory, a lost node)")
+        for a in reversed(streak))
+    raise CrashLoop(
+        f"this job ({submission}) failed {len(streak)} times in a row from {where} without saving a new "
+        f"checkpoint ({failures}); another restart would repeat it, so it stops here. Fix the cause and submit "
+        "the job again (a new submission counts afresh), or set train.max_failed_restarts=0 to restart regardless")
+
+
 class Trainer:
     """Builds the parts of a run (data, model, optimizer, checkpointer, evaluator, metrics) and trains.
 
@@ -135,6 +167,8 @@ class Trainer:
     def decide(cfg: Config, dist: distributed.Dist, submission: str | None) -> StartUp:
         """What this start resumes from and how it goes on, reading only: every check that can refuse it."""
         plan = plan_resume(cfg.checkpoint, dist.is_main, submission)
+        if dist.is_main:
+            refuse_crash_loop(cfg, submission, plan)
         if plan.point is not None and plan.point.state is not None:
             with torch.device("meta"):  # shapes only, no memory
                 check_fits(plan.point, {"model": build_model(cfg.model)})

@@ -17,7 +17,7 @@ from conftest import run_cli, shared_file
 from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
-from gpt2.errors import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
+from gpt2.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_OK, EXIT_PREEMPTED
 from gpt2.shards import open_split
 from gpt2.tokenizer import tokenizer_class
 from gpt2.watchdog import FLOOR_S, STEP_FACTOR
@@ -163,3 +163,31 @@ def test_the_ledger_is_in_tensorboard_too(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert "attempts/text_summary" in acc.Tags()["tensors"]
+
+
+# ---- a crash loop stops -----------------------------------------------------------------------------
+
+
+def test_a_job_killed_three_times_from_one_checkpoint_stops_with_its_own_exit_code(tmp_path):
+    """Shipped default train.max_failed_restarts=3: three attempts of one job SIGKILLed (as the OOM
+    killer does) after their start, before a new checkpoint; the fourth start of that job refuses
+    with EXIT_CRASH_LOOP and writes nothing; another submission still starts."""
+    extra = dict(BIGGER, **{"train.max_steps": 5000, "checkpoint.every": 1000, "eval.val_every": 0})
+    first = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 3}), env={"GPT2_JOB_ID": "loop-1"})
+    assert first.returncode == EXIT_OK, first.stderr[-3000:]
+    ledger = tmp_path / "tb" / "attempts.jsonl"
+    for n in (2, 3, 4):
+        p = popen_train(tmp_path, extra=extra, env={"GPT2_JOB_ID": "loop-1"}, log_name=f"{n}.log")
+        wait_until(lambda n=n: any(s.get("attempt") == n for s in steps(tmp_path).values()), f"attempt {n}'s steps",
+                   p, tmp_path / f"{n}.log")
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    before = ledger.read_text()
+    refused = train(tmp_path, extra=extra, env={"GPT2_JOB_ID": "loop-1"})
+    assert refused.returncode == EXIT_CRASH_LOOP, refused.stderr[-3000:]
+    assert "error: this job (job:loop-1) failed 3 times in a row from checkpoint" in refused.stderr
+    assert "attempt 2: killed" in refused.stderr and "train.max_failed_restarts=0" in refused.stderr
+    assert ledger.read_text() == before  # a refused start wrote nothing
+    other = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 5}), env={"GPT2_JOB_ID": "loop-2"})
+    assert other.returncode == EXIT_OK, other.stderr[-3000:]
+    assert "resumed from" in other.stdout and "at step 3" in other.stdout

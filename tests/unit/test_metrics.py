@@ -82,3 +82,30 @@ def test_the_attempt_ledger_records_starts_and_ends_and_says_when_an_attempt_was
     assert records[2]["resumed_from_step"] == 3 and records[3]["exit_code"] == 0
     assert "attempt 1 of this run" in caplog.text and "left no end record" in caplog.text
     assert not MetricsLogger(str(tmp_path / "off"), enabled=False, max_steps=4).attempt_started(0, {})
+
+
+# ---- the crash-loop streak ----------------------------------------------------------------------------
+
+
+def _attempt(n: int, job: str, resumed: int | None, exit_code: int | None, reason: str = "x") -> list[dict]:
+    start = {"event": "start", "attempt": n, "job_id": job, "resumed_from_step": resumed, "generation": n}
+    return [start] if exit_code == -1 else [start, {"event": "end", "attempt": n, "exit_code": exit_code,
+                                                    "reason": reason}]
+
+
+def test_failed_in_a_row_counts_only_failures_of_this_job_from_this_checkpoint():
+    from gpt2.metrics import KILLED, failed_in_a_row
+
+    ledger = (_attempt(1, "slurm:/7", None, 0, "finished")  # a finished attempt ends any streak
+              + _attempt(2, "slurm:/7", 40, 201, "hung in phase train step")
+              + _attempt(3, "slurm:/7", 40, None, KILLED)
+              + _attempt(4, "slurm:/7", 40, -1))  # no end record yet: killed
+    assert [a["attempt"] for a in failed_in_a_row(ledger, "slurm:/7", 40)] == [4, 3, 2]
+    assert failed_in_a_row(ledger, "slurm:/8", 40) == []  # another submission counts afresh
+    assert failed_in_a_row(ledger, "slurm:/7", 80) == []  # a new checkpoint since: progress
+    preempted = ledger + _attempt(5, "slurm:/7", 40, 200, "preempted")
+    assert failed_in_a_row(preempted, "slurm:/7", 40) == []
+    superseded = ledger + _attempt(5, "slurm:/7", 40, None, "superseded by attempt 6: ...")
+    assert failed_in_a_row(superseded, "slurm:/7", 40) == []
+    scratch = _attempt(1, "k8s:ns/j", None, 1, "error") + _attempt(2, "k8s:ns/j", None, -1)
+    assert len(failed_in_a_row(scratch, "k8s:ns/j", 0)) == 2  # from scratch is step 0
