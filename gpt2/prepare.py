@@ -10,6 +10,7 @@ document position where it ends, so a killed run resumes after its last finished
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -29,13 +30,15 @@ import numpy as np
 
 from gpt2 import logs
 from gpt2.config import Config, cli_config
-from gpt2.errors import EXIT_ERROR, Gpt2Error, exit_code
+from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, Gpt2Error, exit_code
 from gpt2.shards import (
     DTYPE,
+    MANIFEST,
     DataError,
     Manifest,
     npy_bytes,
     read_manifest,
+    sha256_of,
     shard_name,
     wait_for_manifest,
     write_manifest,
@@ -46,12 +49,14 @@ from gpt2.watchdog import beat, phase
 
 log = logging.getLogger("gpt2.prepare")  # also when run as __main__
 
-USAGE = """usage: python -m gpt2.prepare CONFIG [key=value ...]
+USAGE = """usage: python -m gpt2.prepare CONFIG [--redo SHARD_FILE | --add-hashes] [key=value ...]
 
 Tokenizes data.source into shards under data.dir, e.g.
   python -m gpt2.prepare configs/gpt2-124m.yaml                     # FineWeb-Edu sample-10BT (network)
   python -m gpt2.prepare configs/gpt2-124m.yaml data.source='corpus/*.jsonl' data.dir=s3://bucket/edu
   python -m gpt2.prepare configs/demo.yaml                          # Python's built-in help texts
+  python -m gpt2.prepare configs/demo.yaml --redo train_000003.npy  # one corrupt shard, from the source
+  python -m gpt2.prepare configs/demo.yaml --add-hashes             # a manifest written before hashes
 """
 
 DOCS_PER_BATCH = 4096
@@ -314,7 +319,8 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
         name = shard_name(split, split_index(split))
         data = npy_bytes(buf[:fill].copy())
         with_retries(lambda: write_bytes(fs, join(root, name), data), f"writing {d.dir}/{name}")
-        manifest.shards.append(dict(file=name, split=split, tokens=int(fill), next_doc=doc_index, next_offset=offset))
+        manifest.shards.append(dict(file=name, split=split, tokens=int(fill), next_doc=doc_index, next_offset=offset,
+                                    sha256=hashlib.sha256(data).hexdigest()))
         manifest.documents = doc_index
         write_manifest(d.dir, manifest, d.storage_options)
         summary.shards += 1
@@ -369,6 +375,65 @@ def prepare(cfg: Config, workers: int | None = None, executor_kind: str | None =
     return summary
 
 
+def redo_shard(cfg: Config, file: str, workers: int | None = None) -> str:
+    """Write shard `file` of `cfg.data.dir` again from the source, from where its manifest entry says
+    it begins, and check it against the manifest's sha256 (a source that changed since is refused)."""
+    d = cfg.data
+    manifest = read_manifest(d.dir, d.storage_options)
+    names = [s["file"] for s in manifest.shards] if manifest else []
+    if file not in names:
+        raise DataError(f"{d.dir}/{MANIFEST} lists no shard {file!r} (it lists {len(names)}, e.g. "
+                        f"{', '.join(names[:3]) or 'none'}); name one of its files")
+    index = names.index(file)
+    entry, before = manifest.shards[index], manifest.shards[index - 1] if index else None
+    tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
+    if tokenizer.fingerprint != manifest.tokenizer:
+        raise DataError(f"{d.dir} was tokenized with '{manifest.tokenizer}', the config's tokenizer is "
+                        f"'{tokenizer.fingerprint}'; redo the shard with the config it was prepared with")
+    first_doc, skip = (before["next_doc"], before["next_offset"]) if before else (0, 0)
+    need, fill = int(entry["tokens"]), 0
+    buf = np.empty(need, dtype=DTYPE)
+    docs = _skip(iter_documents(manifest.source, d.text_field, d.txt_split, d.storage_options), first_doc)
+    for tokens, _ in tokenized_batches(docs, tokenizer, workers or d.workers or _cpu_count(), d.executor):
+        pos, skip = skip, 0
+        take = max(min(need - fill, tokens.size - pos), 0)
+        buf[fill:fill + take] = tokens[pos:pos + take]
+        fill += take
+        beat()
+        if fill == need:
+            break
+    data = npy_bytes(buf[:fill])
+    digest = hashlib.sha256(data).hexdigest()
+    if fill < need or digest != entry.get("sha256", digest):
+        raise DataError(f"{manifest.source} no longer gives the tokens of {file} (it did when prepared: "
+                        f"{'it ended early' if fill < need else 'another sha256'}); the source changed, so "
+                        "prepare the whole corpus again into a new data.dir")
+    fs, root = filesystem(d.dir, d.storage_options)
+    with_retries(lambda: write_bytes(fs, join(root, file), data), f"writing {d.dir}/{file}")
+    if "sha256" not in entry:
+        entry["sha256"] = digest
+        write_manifest(d.dir, manifest, d.storage_options)
+    return f"{d.dir}/{file}: {fill:,} tokens written again from {manifest.source}, sha256 {digest[:16]}... matches"
+
+
+def add_hashes(cfg: Config) -> str:
+    """Record the sha256 of every shard a manifest written before hashes lacks. It trusts the files
+    as they are now: run it where the shards are known to be good."""
+    d = cfg.data
+    manifest = read_manifest(d.dir, d.storage_options)
+    if manifest is None:
+        raise DataError(f"{d.dir}/{MANIFEST} not found; prepare the data with python -m gpt2.prepare")
+    fs, root = filesystem(d.dir, d.storage_options)
+    added = 0
+    for entry in manifest.shards:
+        if "sha256" not in entry:
+            entry["sha256"] = with_retries(lambda e=entry: sha256_of(fs, join(root, e["file"])),
+                                           f"reading {d.dir}/{entry['file']}")
+            added += 1
+    write_manifest(d.dir, manifest, d.storage_options)
+    return f"{d.dir}/{MANIFEST}: sha256 recorded for {added} shards ({len(manifest.shards) - added} had one)"
+
+
 def ensure_data(cfg: Config, is_main: bool) -> None:
     """With data.auto_prepare, rank 0 prepares missing shards while the other ranks wait for its
     manifest (polling, so that the watchdog sees them wait); with data.wait_for_data_s, every rank
@@ -404,8 +469,22 @@ def _cpu_count() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     logs.setup()
-    cfg = cli_config(sys.argv[1:] if argv is None else argv, USAGE)
+    args = list(sys.argv[1:] if argv is None else argv)
+    redo, add = None, "--add-hashes" in args
+    if add:
+        args.remove("--add-hashes")
+    if "--redo" in args:
+        at = args.index("--redo")
+        if at + 1 >= len(args) or "=" in args[at + 1]:
+            log.error("--redo needs the shard's file name, e.g. --redo train_000003.npy")
+            sys.exit(EXIT_CONFIG)
+        redo = args.pop(at + 1)
+        args.pop(at)
+    cfg = cli_config(args, USAGE)
     try:
+        if redo or add:
+            log.info(redo_shard(cfg, redo) if redo else add_hashes(cfg))
+            return
         summary = prepare(cfg)
     except Gpt2Error as err:
         log.error("%s", err)

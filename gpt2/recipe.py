@@ -30,12 +30,26 @@ SCHEDULE_KEYS = {"max_steps": "train.max_steps", "warmup_steps": "optim.warmup_s
 
 
 def data_identity(manifest: Manifest | None) -> str | None:
-    """A short hash of what the train stream is: source, tokenizer and every shard with its size."""
+    """A short hash of what the train stream is: source, tokenizer and every shard with its size,
+    then ":" and a hash of the shards' contents (their sha256s) where the manifest records them."""
     if manifest is None:
         return None
     shards = [(s["file"], s["tokens"]) for s in manifest.shards]
     text = json.dumps([manifest.source, manifest.tokenizer, shards])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    names = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not manifest.hashed:
+        return names
+    content = hashlib.sha256(json.dumps([s["sha256"] for s in manifest.shards]).encode()).hexdigest()[:16]
+    return f"{names}:{content}"
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Whether a recipe value is unchanged; a corpus is compared by content only where both sides
+    know it (a checkpoint or a manifest from before shards had hashes knows names and sizes only)."""
+    if key != "data" or not (isinstance(old, str) and isinstance(new, str)):
+        return old == new
+    (old_names, _, old_content), (new_names, _, new_content) = old.partition(":"), new.partition(":")
+    return old_names == new_names and (not old_content or not new_content or old_content == new_content)
 
 
 def recipe_of(cfg: Config, data: str | None, lr_phase: tuple[int, float] | None) -> dict[str, Any]:
@@ -81,7 +95,7 @@ def continuation(meta: dict[str, Any] | None, cfg: Config, data: str | None) -> 
     origin = tuple(position.get("origin", (0, 0)))
     phase = tuple(old["lr_phase"]) if old.get("lr_phase") else None
     differs = {k for k in (*DATA_KEYS, *SCHEDULE_KEYS) if old.get(k) is not None and new[k] is not None
-               and old.get(k) != new[k]}
+               and not _same(k, old.get(k), new[k])}
     _refuse_data_changes(differs, old, new, cfg, step)
     if "total_batch_tokens" in differs:  # allowed: continue by tokens seen
         rows_before = origin[1] + (step - origin[0]) * (old["total_batch_tokens"] // old["seq_len"])

@@ -2,12 +2,14 @@
 
 Layout of a data directory (local or any fsspec URL):
 
-    manifest.json      tokenizer, dtype, source, per-shard token counts, and `complete`
+    manifest.json      tokenizer, dtype, source, per-shard token counts and sha256, and `complete`
     val_000000.npy     the first `val_tokens` tokens of the corpus
     train_000000.npy   the rest, `shard_tokens` per shard (the last one may be shorter)
     ...
 
-Remote shards are fetched once into a local cache; local shards are memory-mapped.
+Remote shards are fetched once into a local cache keyed by their sha256 (verified on the way in);
+local shards are memory-mapped and verified before their first read. Manifests written before
+shards had hashes still load (checked by size only, with a warning).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ DTYPE = np.uint16
 
 
 
+HASH_CHUNK = 8 << 20
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.npy"
 
@@ -55,6 +60,22 @@ def npy_size(n_tokens: int) -> int:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<u2", "fortran_order": False, "shape": (n_tokens,)})
     return buf.tell() + 2 * n_tokens
+
+
+def sha256_of(fs: Any, path: str | os.PathLike) -> str:
+    """The sha256 of a file (`fs`: an fsspec file system, None for a local path), read in chunks
+    (each one is progress for the watchdog)."""
+    digest = hashlib.sha256()
+    with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            beat()
+    return digest.hexdigest()
+
+
+def redo_command(url: str, file: str) -> str:
+    """How to re-prepare one shard of the data directory `url` (gpt2.prepare --redo)."""
+    return f"python -m gpt2.prepare CONFIG data.dir={url} --redo {file}"
 
 
 @dataclass
@@ -96,6 +117,11 @@ class Manifest:
 
     def split(self, split: str) -> list[dict[str, Any]]:
         return [s for s in self.shards if s["split"] == split]
+
+    @property
+    def hashed(self) -> bool:
+        """Whether every shard has its sha256 (manifests written before hashes have none)."""
+        return all(isinstance(s.get("sha256"), str) for s in self.shards)
 
 
 def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
@@ -154,8 +180,11 @@ class ShardSet:
         self.storage_options = storage_options or {}
         self.fs, self.root = filesystem(url, self.storage_options)
         self.local = is_local(self.fs)
-        key = hashlib.sha1(url.encode()).hexdigest()[:16]
-        self.cache = Path(cache_dir) if cache_dir else default_cache_dir() / "shards" / key
+        # by content: one cache serves any number of corpora and never serves one's file for another's
+        self.cache = Path(cache_dir) if cache_dir else default_cache_dir() / "shards"
+        # a shard without a hash (an older manifest) is cached by its URL, and reused on its size
+        self.legacy_cache = self.cache / "by-url" / hashlib.sha1(url.encode()).hexdigest()[:16]
+        self._verified: set[int] = set()
         sizes = [int(e["tokens"]) for e in self.entries]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._arrays: dict[int, np.ndarray] = {}
@@ -188,16 +217,34 @@ class ShardSet:
                 self._array(self.entries.index(e))
 
     def _local_path(self, i: int) -> str:
-        name = self.entries[i]["file"]
+        name, sha = self.entries[i]["file"], self.entries[i].get("sha256")
         if self.local:
             return join(self.root, name)
-        target = self.cache / name
-        if not target.exists() or target.stat().st_size != npy_size(int(self.entries[i]["tokens"])):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+        target = self.cache / "sha256" / f"{sha}.npy" if sha else self.legacy_cache / name
+        if target.exists() and (sha or target.stat().st_size == npy_size(int(self.entries[i]["tokens"]))):
+            self._verified.add(i)  # verified when it entered the cache
+            return str(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
             with_retries(lambda: self.fs.get_file(join(self.root, name), str(tmp)), f"fetching {self.url}/{name}")
+            if sha:
+                self._check_hash(i, tmp)
             os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._verified.add(i)
         return str(target)
+
+    def _check_hash(self, i: int, path: str | os.PathLike) -> None:
+        """DataError naming the shard and how to re-prepare it when its bytes are not the manifest's."""
+        entry = self.entries[i]
+        got = sha256_of(None, path)
+        if got != entry["sha256"]:
+            raise DataError(
+                f"shard {self.url}/{entry['file']} is corrupt: its sha256 is {got[:16]}..., the manifest says "
+                f"{entry['sha256'][:16]}... (a flipped or zeroed region, or another corpus's file); re-prepare just "
+                f"that shard with {redo_command(self.url, entry['file'])}, or copy it again from where it came from")
 
     def _array(self, i: int) -> np.ndarray:
         if i not in self._arrays:
@@ -217,13 +264,22 @@ class ShardSet:
             self._arrays[i] = arr
         return self._arrays[i]
 
+    def _verified_array(self, i: int) -> np.ndarray:
+        """Shard `i`, its bytes checked against the manifest's sha256 before its first read."""
+        arr = self._array(i)
+        if i not in self._verified:
+            if self.entries[i].get("sha256"):
+                self._check_hash(i, self._local_path(i))
+            self._verified.add(i)
+        return arr
+
     def read(self, start: int, n: int) -> np.ndarray:
         out = np.empty(n, dtype=DTYPE)
         filled = 0
         while filled < n:
             pos = start + filled
             i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
-            arr = self._array(i)
+            arr = self._verified_array(i)
             local = pos - int(self.offsets[i])
             take = min(n - filled, arr.shape[0] - local)
             out[filled:filled + take] = arr[local:local + take]
@@ -257,6 +313,10 @@ def open_split(url: str, split: str, tokenizer_fingerprint: str, storage_options
             f"{url} was tokenized with '{manifest.tokenizer}' but the config's tokenizer is "
             f"'{tokenizer_fingerprint}'; set tokenizer.name to match or prepare the data again"
         )
+    if not manifest.hashed and split == "train":  # said once per start (val is opened too)
+        log.warning(f"{url}/{MANIFEST} records no sha256 per shard (prepared before shards had hashes): its shards "
+                    "are checked by size only. Add the hashes once with python -m gpt2.prepare CONFIG "
+                    f"data.dir={url} --add-hashes")
     shards = ShardSet(url, split, manifest, storage_options, cache_dir)
     if not shards.entries:
         raise DataError(f"{url} has no {split} shards; prepare the data again")

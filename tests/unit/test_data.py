@@ -162,3 +162,60 @@ def test_a_malformed_manifest_is_a_data_error(tmp_path, bpe_dir, manifest, messa
     (tmp_path / "manifest.json").write_text(manifest)
     with pytest.raises(DataError, match=message):
         build_loaders(loader_cfg(tmp_path, bpe_dir), 4, 0, 1)
+
+
+# ---- every byte verified --------------------------------------------------------------------------
+
+
+def flip_a_byte(path, at: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_with_a_flipped_byte_is_refused_before_its_first_read_and_redo_restores_it(
+        prepared, corpus, tmp_path, bpe_dir):
+    from helpers.corpus import cfg_for
+
+    from gpt2.prepare import redo_shard
+
+    d = copy_prepared(prepared, tmp_path)
+    good = (d / "train_000001.npy").read_bytes()
+    flip_a_byte(d / "train_000001.npy")
+    shards = train_shards(d, bpe_dir)  # opening checks names and sizes: still fine
+    shards.read(0, 100)  # shard 0 is intact
+    with pytest.raises(DataError, match=r"shard .*/train_000001.npy is corrupt: its sha256 is .* the manifest says"
+                                        r".* python -m gpt2.prepare CONFIG data.dir=.* --redo train_000001.npy"):
+        shards.read(int(shards.offsets[1]) + 5, 10)
+    said = redo_shard(cfg_for(corpus, d, bpe_dir), "train_000001.npy", workers=1)
+    assert "matches" in said and (d / "train_000001.npy").read_bytes() == good
+    assert train_shards(d, bpe_dir).read(int(shards.offsets[1]) + 5, 10).size == 10
+
+
+def test_a_manifest_from_before_hashes_loads_with_a_warning_and_add_hashes_completes_it(
+        prepared, corpus, tmp_path, bpe_dir, caplog):
+    import json
+
+    from helpers.corpus import cfg_for
+
+    from gpt2.prepare import add_hashes
+    from gpt2.recipe import data_identity
+    from gpt2.shards import read_manifest
+
+    d = copy_prepared(prepared, tmp_path)
+    hashed = read_manifest(str(d))
+    legacy = json.loads((d / "manifest.json").read_text())
+    for s in legacy["shards"]:
+        del s["sha256"]
+    (d / "manifest.json").write_text(json.dumps(legacy))
+    flip_a_byte(d / "train_000001.npy")  # what a manifest without hashes cannot see
+    caplog.set_level("WARNING")
+    shards = train_shards(d, bpe_dir)
+    shards.read(int(shards.offsets[1]) + 5, 10)
+    assert "records no sha256 per shard" in caplog.text and f"data.dir={d} --add-hashes" in caplog.text
+    old_identity = data_identity(read_manifest(str(d)))
+    assert f"sha256 recorded for {len(legacy['shards'])} shards" in add_hashes(cfg_for(corpus, d, bpe_dir))
+    assert read_manifest(str(d)).hashed
+    new_identity = data_identity(read_manifest(str(d)))
+    assert new_identity.split(":")[0] == old_identity  # a checkpoint from before still resumes
+    assert new_identity != data_identity(hashed)  # the flipped byte is now part of what it is

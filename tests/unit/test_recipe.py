@@ -77,3 +77,13 @@ def test_a_checkpoint_without_a_recipe_is_checked_against_its_config():
     old = {"step": 100, "config": to_dict(cfg())}
     with pytest.raises(ConfigError, match="train.seq_len: 1024 in the checkpoint, 512 now"):
         continuation(old, cfg("train.seq_len=512"), "anything")
+
+
+def test_a_corpus_is_compared_by_content_where_both_sides_know_it():
+    # "names:content": a checkpoint (or manifest) from before shards had hashes knows the names only
+    assert continuation(marker(10, data="names1"), cfg(), "names1:c1").warnings == []
+    assert continuation(marker(10, data="names1:c1"), cfg(), "names1").warnings == []
+    with pytest.raises(ConfigError, match="corpus"):
+        continuation(marker(10, data="names1:c1"), cfg(), "names1:c2")  # same names, other bytes
+    with pytest.raises(ConfigError, match="corpus"):
+        continuation(marker(10, data="names1"), cfg(), "names2:c1")
