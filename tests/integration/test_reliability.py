@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import run_cli, shared_file
+from conftest import run_cli, shared_file, tiny_overrides
 from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
@@ -191,3 +191,28 @@ def test_a_job_killed_three_times_from_one_checkpoint_stops_with_its_own_exit_co
     other = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 5}), env={"GPT2_JOB_ID": "loop-2"})
     assert other.returncode == EXIT_OK, other.stderr[-3000:]
     assert "resumed from" in other.stdout and "at step 3" in other.stdout
+
+
+# ---- every byte verified ----------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_shard_stops_training_naming_the_shard_and_its_redo_command_repairs_it(tmp_path):
+    first = train(tmp_path, extra={"train.max_steps": 1})  # prepares the demo's shards
+    assert first.returncode == EXIT_OK, first.stderr[-3000:]
+    shard = tmp_path / "data" / "train_000000.npy"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt-first")  # a fresh start, which reads shard 0 again
+    bad = train(tmp_path)
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    said = re.search(r"error: shard .*train_000000.npy is corrupt: .* re-prepare just that shard with "
+                     r"python -m gpt2.prepare CONFIG (data.dir=\S+) --redo train_000000.npy", bad.stderr)
+    assert said, bad.stderr[-3000:]
+    redo = run_cli(["-m", "gpt2.prepare", "configs/demo.yaml", *tiny_overrides(tmp_path), said.group(1),
+                    "--redo", "train_000000.npy"])
+    assert redo.returncode == 0 and "matches" in redo.stdout + redo.stderr, redo.stderr[-3000:]
+    assert shard.read_bytes() == good
+    again = train(tmp_path)
+    assert again.returncode == EXIT_OK, again.stderr[-3000:]
