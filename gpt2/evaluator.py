@@ -57,9 +57,17 @@ class Evaluator:
             self.tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
         self._hellaswag_path: Path | None = None
         self._hellaswag_unavailable = False
+        self.seconds = 0.0  # spent evaluating in this attempt (for goodput)
 
     def run_due(self, step: int, last: bool = False) -> None:
         """Every evaluation due at `step` (all of them when `last`)."""
+        t0 = time.monotonic()
+        try:
+            self._run_due(step, last)
+        finally:
+            self.seconds += time.monotonic() - t0
+
+    def _run_due(self, step: int, last: bool) -> None:
         e = self.e
 
         def due(every: int) -> bool:

@@ -58,3 +58,10 @@ def setup(rank: int | None = None, level: int = logging.INFO) -> None:
     logger.addHandler(_StdStream("stderr", rank, lambda r: r.levelno >= max(floor, logging.WARNING)))
     logger.setLevel(level)
 
+
+def duration(seconds: float) -> str:
+    """A duration for people: 45s, 3m07s, 2h05m."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -94,7 +94,7 @@ def failed_in_a_row(attempts: list[dict], job: str, resume_step: int) -> list[di
     Failed: an exit other than finished (0) or preempted (200), or killed; not superseded."""
     ends = {r.get("attempt"): r for r in attempts if r.get("event") == "end"}
     streak = []
-    for start in sorted((a for a in attempts if a.get("event") == "start"), key=_order, reverse=True):
+    for start in sorted((a for a in attempts if a.get("event") == "start"), key=ledger_order, reverse=True):
         end = ends.get(start.get("attempt"))
         failed = end is None or (end.get("exit_code") not in (EXIT_OK, EXIT_PREEMPTED)
                                  and not str(end.get("reason", "")).startswith("superseded"))
@@ -104,26 +104,37 @@ def failed_in_a_row(attempts: list[dict], job: str, resume_step: int) -> list[di
     return streak
 
 
-def _order(record: dict) -> tuple[int, int]:
+def ledger_order(record: dict) -> tuple[int, int]:
     """Where an attempt (or one of its step records) stands in the run: by lease generation, which
     only grows, then by attempt number (records from before generations were recorded come first)."""
     return record.get("generation") or 0, record.get("attempt") or 0
 
 
+def read_step_lines(text: str) -> list[dict]:
+    """Every record of a steps.jsonl, in order (a line cut short by a kill is skipped)."""
+    return _json_lines(text)
+
+
 def current_steps(steps_text: str, attempts: list[dict]) -> dict[int, dict]:
-    """The step records of the run's current trajectory, by step, from a steps.jsonl and its ledger.
+    """The step records of the run's current trajectory, by step, from a steps.jsonl and its ledger
+    (`current_records`)."""
+    return current_records(_json_lines(steps_text), attempts)
+
+
+def current_records(records: list[dict], attempts: list[dict]) -> dict[int, dict]:
+    """The step records of the run's current trajectory, by step, of every step record in order.
 
     A start that resumed at step r (0 from scratch: a first start or a start-over) discards every
     record at or after r of the attempts before it: a branch abandoned by a rollback, the steps a
     failed attempt trained after its last checkpoint, and whatever a superseded writer still wrote.
     Of the records left, the last one of each step counts."""
-    starts = sorted((a for a in attempts if a.get("event") == "start"), key=_order)
+    starts = sorted((a for a in attempts if a.get("event") == "start"), key=ledger_order)
     cut, lowest = {}, math.inf
     for a in reversed(starts):
-        cut[_order(a)], lowest = lowest, min(lowest, a.get("resumed_from_step") or 0)
+        cut[ledger_order(a)], lowest = lowest, min(lowest, a.get("resumed_from_step") or 0)
     steps: dict[int, dict] = {}
-    for r in _json_lines(steps_text):
-        if r.get("attempt") is not None and r["step"] >= cut.get(_order(r), math.inf):
+    for r in records:
+        if r.get("attempt") is not None and r["step"] >= cut.get(ledger_order(r), math.inf):
             continue
         steps[r["step"]] = r
     return steps
@@ -144,6 +155,11 @@ class StepRecord:
     data_share: float = 0.0  # share of the step spent reading and copying batches on the host
     peak_memory_gib: float | None = None  # device memory, CUDA only
     warmup: bool = False  # the first steps after a (re)start: compilation and caches, not throughput
+    # the attempt's clock after this step (gpt2.goodput): seconds since its process started, and
+    # its running totals of checkpoint stalls and evaluation
+    attempt_s: float = 0.0
+    checkpoint_s: float = 0.0
+    eval_s: float = 0.0
 
 
 class WriteGate(Protocol):
@@ -276,14 +292,16 @@ class MetricsLogger:
                       "time_text": time.strftime("%Y-%m-%d %H:%M:%S"), **record})
         self.text("attempts", f"attempt {self.attempt} started: {json.dumps(record)}", step)
 
-    def attempt_ended(self, step: int, exit_code: int, reason: str, unconfirmed: bool = False) -> None:
-        """How this attempt ended: its exit code and why (not written by a superseded trainer).
+    def attempt_ended(self, step: int, exit_code: int, reason: str, unconfirmed: bool = False,
+                      clock: dict[str, float] | None = None) -> None:
+        """How this attempt ended: its exit code and why (not written by a superseded trainer), and
+        its clock (`clock`: attempt_s, checkpoint_s, eval_s, as in the step records).
         `unconfirmed`: written although the lease is unconfirmed (an outage ended the attempt),
         unless a successor already recorded this attempt's end."""
         if not self.enabled or self.attempt is None:
             return
         record = {"event": "end", "attempt": self.attempt, "time": time.time(), "step": step,
-                  "exit_code": exit_code, "reason": reason}
+                  "exit_code": exit_code, "reason": reason, **(clock or {})}
         if unconfirmed and self.gate is not None and not self.gate.superseded:
             ended = {r.get("attempt") for r in read_attempts(self.attempts_path.read_text())
                      if r.get("event") == "end"} if self.attempts_path.exists() else set()

@@ -1,6 +1,7 @@
 """`python -m gpt2.status RUN_OR_LOG_DIR`: a run at a glance.
 
-Step and tokens, last and best val loss, HellaSwag, throughput and ETA, the newest checkpoint of
+Step and tokens, last and best val loss, HellaSwag, throughput and ETA, goodput and where the rest
+of the time went (`gpt2.goodput`; `--json` for scripts), the newest checkpoint of
 the current lineage, and every attempt (start, hosts, world size, job, where it resumed, how it
 ended) from the run's `attempts.jsonl`. Steps are those of the current trajectory
 (`gpt2.metrics.current_steps`): an abandoned branch or a superseded writer's records do not count.
@@ -22,7 +23,9 @@ from typing import Any
 from gpt2 import logs
 from gpt2.checkpoint import CheckpointStore, read_lineage
 from gpt2.errors import Gpt2Error, StatusError, exit_code
-from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_steps, read_attempts
+from gpt2.goodput import Goodput, goodput
+from gpt2.logs import duration
+from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_records, read_attempts, read_step_lines
 from gpt2.storage import filesystem, join
 
 log = logging.getLogger("gpt2.status")  # also when run as __main__
@@ -31,9 +34,14 @@ log = logging.getLogger("gpt2.status")  # also when run as __main__
 @dataclass
 class Run:
     log_dir: str
-    steps: dict[int, dict[str, Any]]
+    steps: dict[int, dict[str, Any]]  # the current trajectory
     attempts: list[dict[str, Any]]
     scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    step_lines: list[dict[str, Any]] = field(default_factory=list)  # every step record, in order
+
+    @property
+    def goodput(self) -> Goodput:
+        return goodput(self.attempts, self.step_lines)
 
 
 def find_log_dir(url: str) -> str:
@@ -54,8 +62,8 @@ def read_run(log_dir: str) -> Run:
         p = join(path, name)
         return fs.cat_file(p).decode() if fs.exists(p) else ""
 
-    attempts = read_attempts(text(ATTEMPTS_FILE))
-    return Run(log_dir, current_steps(text(STEPS_FILE), attempts), attempts, read_scalars(log_dir))
+    attempts, lines = read_attempts(text(ATTEMPTS_FILE)), read_step_lines(text(STEPS_FILE))
+    return Run(log_dir, current_records(lines, attempts), attempts, read_scalars(log_dir), lines)
 
 
 def read_scalars(log_dir: str, tags: tuple[str, ...] = ("val/loss", "eval/hellaswag_acc_norm")
@@ -93,7 +101,7 @@ def summary(run: Run, now: float | None = None) -> str:
         tps = statistics.median(r["tokens_per_sec"] for r in recent)
         step_s = statistics.median(r["step_time_ms"] for r in recent) / 1000
         last = run.steps[max(run.steps)]
-        eta = f", ETA {_duration((max_steps - done) * step_s)}" if max_steps and done < max_steps else ""
+        eta = f", ETA {duration((max_steps - done) * step_s)}" if max_steps and done < max_steps else ""
         lines.append(f"train loss {last['loss']:.4f}; {tps:,.0f} tokens/s, {step_s * 1000:.0f} ms/step (median of "
                      f"the last {len(recent)} steps){eta}")
     val = run.scalars.get("val/loss", [])
@@ -103,6 +111,7 @@ def summary(run: Run, now: float | None = None) -> str:
     hs = run.scalars.get("eval/hellaswag_acc_norm", [])
     if hs:
         lines.append(f"HellaSwag acc_norm {hs[-1][1]:.4f} at step {hs[-1][0]}")
+    lines.extend(run.goodput.describe())
     lines.append(_newest_checkpoint(last_start.get("checkpoint_dir")))
     lines.append("")
     lines.extend(attempts_table(run.attempts, now))
@@ -126,7 +135,7 @@ def _newest_checkpoint(directory: str | None) -> str:
     if not found:
         return "\n".join([f"checkpoints: none yet in {directory}", *lines])
     c = found[-1]
-    age = _duration(time.time() - c.meta.get("saved_at", time.time()))
+    age = duration(time.time() - c.meta.get("saved_at", time.time()))
     return "\n".join([f"newest checkpoint: {c.url} (step {c.step}, saved {age} ago; {len(found)} kept)", *lines])
 
 
@@ -139,7 +148,7 @@ def attempts_table(attempts: list[dict[str, Any]], now: float) -> list[str]:
     rows = [("#", "started", "hosts", "world", "job", "micro", "resumed from", "ran", "ended")]
     for a in starts:
         end = ends.get(a["attempt"])
-        ran = _duration((end["time"] if end else now) - a["time"])
+        ran = duration((end["time"] if end else now) - a["time"])
         if end is None:
             outcome = "running (or killed: no end record yet)"
         else:
@@ -157,20 +166,15 @@ def attempts_table(attempts: list[dict[str, Any]], now: float) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2.status", description=__doc__.split("\n")[0])
     p.add_argument("path", help="a run's logging.dir, or a directory above it (local or an fsspec URL)")
+    p.add_argument("--json", action="store_true", help="print the goodput breakdown as JSON (for scripts)")
     args = p.parse_args(argv)
     logs.setup()
     try:
-        print(summary(read_run(find_log_dir(args.path))))
+        run = read_run(find_log_dir(args.path))
+        print(run.goodput.to_json() if args.json else summary(run))
     except Gpt2Error as err:
         log.error("%s", err)
         return exit_code(err)

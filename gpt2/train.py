@@ -38,6 +38,7 @@ from gpt2.errors import (
     exit_code,
 )
 from gpt2.evaluator import Evaluator
+from gpt2.goodput import process_age_s, run_goodput
 from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, failed_in_a_row, mfu, read_ledger
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
@@ -186,6 +187,7 @@ class Trainer:
         return StartUp(micro_batch, plan, None, data, going_on, notes)  # type: ignore[arg-type]
 
     def __init__(self, cfg: Config, dist: distributed.Dist, start: StartUp, watchdog: Watchdog | None = None):
+        self.born = time.monotonic() - process_age_s()  # the process's start, on the monotonic clock
         self.cfg, self.dist, self.device, self.micro_batch = cfg, dist, dist.device, start.micro_batch
         self.start, self.lr_phase, self.lease = start, start.continuation.lr_phase, start.lease
         self.watchdog = watchdog or Watchdog(0)  # bench: none
@@ -257,9 +259,12 @@ class Trainer:
             "lineage": plan.lineage.id if plan else None, "began": plan.begins if plan else None,
             "checkpoint_dir": cfg.checkpoint.dir if "://" in cfg.checkpoint.dir
             else os.path.abspath(cfg.checkpoint.dir),
-            "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens},
+            "max_steps": t.max_steps, "total_batch_tokens": t.total_batch_tokens,
+            "process_s": time.monotonic() - self.born},
             generation=lease.generation if lease else None,
             superseded=(took_over.generation, took_over.superseded) if took_over and took_over.superseded else None)
+        if dist.is_main:  # the run so far, as TensorBoard scalars
+            self.metrics.scalars(self.progress.step, run_goodput(cfg.logging.dir).scalars())
         self.metrics.start(self.progress.step, {
             "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head, "lr": o.lr, "min_lr": o.min_lr,
             "warmup_steps": o.warmup_steps, "weight_decay": o.weight_decay, "max_steps": t.max_steps,
@@ -337,7 +342,8 @@ class Trainer:
         that one records it)."""
         if self.lease is None or not self.lease.superseded:
             try:  # after an outage the lease is unconfirmed, yet this end is ours to record (if no successor did)
-                self.metrics.attempt_ended(self.progress.step, code, reason, unconfirmed=code == EXIT_STORAGE)
+                self.metrics.attempt_ended(self.progress.step, code, reason, unconfirmed=code == EXIT_STORAGE,
+                                           clock=self.clock())
             except Gpt2Error as err:  # e.g. the logging disk is full: the exit code and message still say why
                 log.warning(f"could not record the end of this attempt: {err}")
 
@@ -366,7 +372,13 @@ class Trainer:
             mfu=mfu(tokens_per_sec, self.flops_per_token, self.peak_flops, self.dist.world_size),
             batch_hash=batch_hash, world_size=self.dist.world_size, tokens_seen=self.tokens_seen(step + 1),
             data_share=out.data_seconds / dt,
-            peak_memory_gib=peak, warmup=warmup)
+            peak_memory_gib=peak, warmup=warmup, **self.clock())
+
+    def clock(self) -> dict[str, float]:
+        """This attempt's clock for goodput: seconds since the process started, and the time spent
+        in checkpoint stalls and evaluation so far."""
+        return {"attempt_s": time.monotonic() - self.born, "checkpoint_s": self.checkpointer.stalled_s,
+                "eval_s": self.evaluator.seconds}
 
     def train_step(self, step: int) -> StepOutput:
         """One optimizer step over this rank's micro-batches."""

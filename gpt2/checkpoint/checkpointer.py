@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -215,6 +216,7 @@ class Checkpointer:
         self.lineage = lineage or Lineage.new()
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
         self.writer = lease.tag if lease is not None else None
+        self.stalled_s = 0.0  # the training loop blocked by saves in this attempt (for goodput)
         if is_writer:
             ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         self._thread: threading.Thread | None = None
@@ -241,6 +243,7 @@ class Checkpointer:
         """Save on the interval; a failed periodic save does not stop training (a superseded writer does)."""
         if step % self.cfg.every:
             return
+        t0 = time.monotonic()
         with phase("checkpoint save", ceiling=True):
             for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
                 try:
@@ -250,12 +253,14 @@ class Checkpointer:
                 except Exception as err:
                     log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)
             distributed.barrier()  # the other ranks wait here, in this phase, not in the next step's collective
+        self.stalled_s += time.monotonic() - t0
 
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.
         The lease says `stopping` first, so that a start that finds it waits for its release."""
         if self.lease is not None:
             self.lease.mark_stopping()
+        t0 = time.monotonic()
         try:
             self.wait()
         except LeaseLost:
@@ -271,6 +276,7 @@ class Checkpointer:
                 raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
             finally:
                 distributed.barrier()
+                self.stalled_s += time.monotonic() - t0
 
     def save(self, step: int, blocking: bool) -> None:
         """Save the parts as step `step` (rank 0 only). Non-blocking saves copy to host memory, then

@@ -216,3 +216,43 @@ def test_a_flipped_byte_in_a_shard_stops_training_naming_the_shard_and_its_redo_
     assert shard.read_bytes() == good
     again = train(tmp_path)
     assert again.returncode == EXIT_OK, again.stderr[-3000:]
+
+
+# ---- goodput ----------------------------------------------------------------------------------------
+
+
+def test_goodput_counts_each_step_once_and_the_work_a_kill_lost(tmp_path):
+    """A run killed (SIGKILL: no end record) some steps after its last checkpoint, restarted after a
+    pause: gpt2.status --json counts every step of the current trajectory once as productive, the
+    killed attempt's steps after that checkpoint as lost, the pause as between attempts."""
+    extra = dict(BIGGER, **{"train.max_steps": 60, "checkpoint.every": 10})
+    a = popen_train(tmp_path, extra=extra, log_name="a.log")
+    wait_until(lambda: len(steps(tmp_path)) >= 25 and (tmp_path / "ckpt" / "step-00000020" / "COMMITTED").exists(),
+               "steps past a checkpoint", a, tmp_path / "a.log")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    time.sleep(3)
+    b = train(tmp_path, extra=extra)
+    assert b.returncode == EXIT_OK, b.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "tb" / "steps.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()
+               if '"start"' in x][-1]["resumed_from_step"]
+    lost = [r for r in lines if r["attempt"] == 1 and r["step"] >= resumed]
+    assert lost, "the kill landed before any step past the checkpoint"
+    out = run_cli(["-m", "gpt2.status", str(tmp_path / "tb"), "--json"])
+    assert out.returncode == 0, out.stderr
+    g = json.loads(out.stdout)
+    kept = steps(tmp_path)
+    assert sorted(kept) == list(range(60))
+    assert abs(g["parts"]["productive"] - sum(r["step_time_ms"] for r in kept.values()) / 1000) < 1e-6
+    assert abs(g["parts"]["lost"] - sum(r["step_time_ms"] for r in lost) / 1000) < 1e-6
+    assert g["parts"]["between"] >= 3 and all(a["startup"] > 0 for a in g["attempts"])
+    assert g["parts"]["checkpoint"] > 0 and 0 < g["goodput"] < 1
+    assert sum(g["parts"].values()) <= g["wall_s"] + 1e-6
+    text = run_cli(["-m", "gpt2.status", str(tmp_path / "tb")]).stdout
+    assert re.search(r"goodput \d+\.\d%: .* trained the model; the rest: .*startup .*between", text), text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("goodput/goodput")] == [resumed]  # the run so far, at the restart

@@ -172,3 +172,33 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
     third = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 820}))
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert f"resumed from {ckpt_url}/step-" in third.stdout and sorted(steps(tmp_path)) == list(range(820))
+
+
+def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, s3_url):
+    """A hung store: the S3 server of the tests frozen with SIGSTOP for 90 s (connections stay open,
+    nothing answers) while the run saves to it every 50 steps, with the shipped defaults. No call
+    waits for good (s3 read timeout 60 s, then retries); the lease cannot be renewed, so records are
+    held back; the watchdog does not call the slow save a hang; the run finishes with every step once."""
+    ckpt_url = f"{s3_url}/ckpt"
+    extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
+             "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt_url, "train.stop_at_step": 3000}
+    run = popen_train(tmp_path, extra=extra, log_name="run.log")
+    frozen = False
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", run, tmp_path / "run.log",
+                   timeout=300)
+        os.kill(s3_server.proc.pid, signal.SIGSTOP)
+        frozen, at_freeze = True, max(steps(tmp_path))
+        time.sleep(90)
+        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        os.kill(s3_server.proc.pid, signal.SIGCONT)
+        frozen, at_thaw = False, max(steps(tmp_path))
+        print("steps at the freeze and the thaw:", at_freeze, at_thaw)
+        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        if frozen:
+            os.kill(s3_server.proc.pid, signal.SIGCONT)
+        stop(run)
+    text = (tmp_path / "run.log").read_text()
+    assert "could not renew the lease" in text and "holding back step records" in text, text[-3000:]
+    assert sorted(steps(tmp_path)) == list(range(3000))

@@ -15,7 +15,7 @@ from conftest import REPO
 LAYERS: list[set[str]] = [
     {"errors", "logs", "config", "storage", "tokenizer", "distributed", "runtime", "watchdog"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
-    {"data", "checkpoint", "prepare", "recipe"},
+    {"data", "checkpoint", "prepare", "recipe", "goodput"},
     {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate"},
     {"bench", "plot", "status", "launch"},
