@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"data", "checkpoint", "prepare", "recipe", "goodput"},
     {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate"},
-    {"bench", "plot", "status", "launch"},
+    {"bench", "plot", "status", "launch", "chaos"},
 ]
 LAUNCHER_ONLY = {"submitit": "launch.slurm", "kubernetes": "launch.k8s"}
 
