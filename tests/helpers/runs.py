@@ -85,8 +85,31 @@ def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: 
     raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:] if log else ''}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun's workers run in sessions of their own)."""
+    found, level = [], [pid]
+    while level:
+        level = [int(c) for p in level for c in _read(f"/proc/{p}/task/{p}/children").split()]
+        found += level
+    return found
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
 def stop(proc: subprocess.Popen) -> None:
-    """Kill a process started with start_new_session, and everything it started."""
+    """Kill a process started with start_new_session, and everything it started (also workers in
+    sessions of their own, and a stopped one)."""
+    below = descendants(proc.pid)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

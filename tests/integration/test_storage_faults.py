@@ -100,12 +100,13 @@ def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(t
              "checkpoint.every": 1000, "eval.val_every": 0}
     proc = popen_train(tmp_path, nproc=2, extra=extra)
     log = tmp_path / "train.log"
+    workers: list[int] = []
     try:
         wait_until(lambda: len(steps(tmp_path)) >= 25, "steps", proc, log, timeout=300)
         ledger = tmp_path / "tb" / "attempts.jsonl"
         ledger.rename(tmp_path / "attempts.jsonl.before")
         os.mkfifo(ledger)
-        workers = worker_pids(proc.pid)
+        workers[:] = worker_pids(proc.pid)
         os.kill(workers[1], signal.SIGSTOP)
         t0 = time.monotonic()
         wait_until(lambda: "no progress for" in log.read_text(), "the watchdog", timeout=120)
@@ -114,6 +115,11 @@ def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(t
         gone = time.monotonic() - t0
     finally:
         stop(proc)
+        for pid in workers:  # the frozen one, whose agent may be gone already
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     text = log.read_text()
     assert "could not record the hang within 10 s" in text, text[-3000:]
     assert gone - fired < 20, (fired, gone)
