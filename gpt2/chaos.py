@@ -165,9 +165,9 @@ class Chaos:
             os.kill(random.Random(fault.at_step).choice(workers), signal.SIGSTOP)
         elif fault.kind == "preempt":
             os.kill(job.pid, signal.SIGTERM)
-        elif fault.kind == "second":  # the same job submitted again (another submission id)
-            self.intruders.append((fault, self.run.start(self.run.torchrun(0), f"{self.job_id}-second",
-                                                         "second.log")))
+        elif fault.kind == "second":  # the same run submitted again (another submission id), one process
+            argv = [sys.executable, "-m", "gpt2.train", self.run.config, *self.run.overrides]
+            self.intruders.append((fault, self.run.start(argv, f"{self.job_id}-second", "second.log")))
 
     def _intruding(self) -> bool:
         """A second submission is still starting: the next fault waits for its outcome (a preemption

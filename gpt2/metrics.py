@@ -140,6 +140,18 @@ def current_records(records: list[dict], attempts: list[dict]) -> dict[int, dict
     return steps
 
 
+def recent_step_times(log_dir: str, world_size: int, n: int) -> list[float]:
+    """Seconds of the last `n` timed steps of the run's current trajectory at `world_size`, from
+    the (local) `log_dir`: what a restart expects its steps to take."""
+    path = Path(log_dir) / STEPS_FILE
+    if not path.exists():
+        return []
+    kept = current_records(read_step_lines(path.read_text()), read_ledger(log_dir))
+    times = [r["step_time_ms"] / 1000 for _, r in sorted(kept.items())
+             if not r.get("warmup") and r.get("world_size") == world_size]
+    return times[-n:]
+
+
 @dataclass(kw_only=True)
 class StepRecord:
     step: int

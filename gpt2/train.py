@@ -39,7 +39,15 @@ from gpt2.errors import (
 )
 from gpt2.evaluator import Evaluator
 from gpt2.goodput import process_age_s, run_goodput
-from gpt2.metrics import MetricsLogger, StepRecord, device_peak_flops, failed_in_a_row, mfu, read_ledger
+from gpt2.metrics import (
+    MetricsLogger,
+    StepRecord,
+    device_peak_flops,
+    failed_in_a_row,
+    mfu,
+    read_ledger,
+    recent_step_times,
+)
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
@@ -49,7 +57,7 @@ from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, resolve_dtype, 
 from gpt2.shards import read_manifest
 from gpt2.storage import ensure_directory
 from gpt2.tokenizer import tokenizer_class
-from gpt2.watchdog import Watchdog, phase
+from gpt2.watchdog import RECENT_STEPS, Watchdog, phase
 
 log = logging.getLogger("gpt2.train")  # also when run as __main__
 
@@ -98,6 +106,7 @@ class StartUp:
     continuation: Continuation = field(default_factory=Continuation)
     notes: list[str] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # the run's recent step times before this start
 
     @property
     def resume(self) -> ResumePoint | None:
@@ -158,6 +167,8 @@ class Trainer:
                 start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
                 start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
             start.hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))  # type: ignore[arg-type]
+            start.step_times = distributed.broadcast_object(  # type: ignore[assignment]
+                recent_step_times(cfg.logging.dir, dist.world_size, RECENT_STEPS) if dist.is_main else None)
             return cls(cfg, dist, start, watchdog)
         except BaseException:
             if start.lease is not None:
@@ -304,7 +315,9 @@ class Trainer:
         if cfg.train.compile:
             with watchdog.phase("compiling the training step", ceiling=True):
                 self.warm_up()
-        watchdog.steps()
+        # a restart is watched from its first step by the step times from before, unless compilation
+        # (whose first steps may recompile) makes them slower than those
+        watchdog.steps(before=() if cfg.train.compile else self.start.step_times)
         with self.preemption:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)

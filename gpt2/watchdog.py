@@ -12,8 +12,9 @@ timeout). The watchdog waits for progress, not for steps:
   example group); between beats the same limit applies, so an evaluation many times longer than
   a step is fine as long as it moves; a phase that cannot beat from inside (one save, one load,
   compilation) is `phase(name, ceiling=True)` and gets the ceiling;
-* before MIN_TIMED steps have been timed after a (re)start, and for the ceiling phases, the limit
-  is `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the
+* before MIN_TIMED steps have been timed after a (re)start (unless the step times of the run's
+  previous attempt are known: then those count from the first step), and for the ceiling phases,
+  the limit is `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the
   watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
@@ -34,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from gpt2.errors import EXIT_HUNG
@@ -109,8 +110,11 @@ class Watchdog:
             self.phase_name, self._ceiling_phase = previous
             self.beat()
 
-    def steps(self) -> None:
-        """From now on the steps' own limit applies (called once the start-up is over)."""
+    def steps(self, before: Sequence[float] = ()) -> None:
+        """From now on the steps' own limit applies (called once the start-up is over). `before`:
+        the run's step times from its previous attempt, so that the first steps after a restart are
+        held to that limit too instead of the ceiling (they are replaced as steps are timed)."""
+        self.recent.extend(list(before)[-(self.recent.maxlen or len(before)):])
         self.phase_name, self._ceiling_phase = "training step", False
         self.beat()
 

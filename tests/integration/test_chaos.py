@@ -19,13 +19,14 @@ def chaos(tmp_path, *args: str) -> tuple[object, dict]:
     return r, json.loads((tmp_path / "chaos" / "chaos.json").read_text())
 
 
-def test_every_kind_of_fault_in_one_run_and_every_invariant_holds(tmp_path):
-    """Seed 12 draws each kind once: a second submission (refused), a preemption (saved, submitted
-    again), a killed worker (torchrun restarts the group), a frozen worker (its peer's watchdog,
-    about a minute, then a restart)."""
-    r, record = chaos(tmp_path, "--seed", "12", "--faults", "4")
+def test_faults_of_every_kind_one_after_another_and_every_invariant_holds(tmp_path):
+    """Seed 22 draws a second submission (refused), a preemption (saved, submitted again) and a
+    killed worker (torchrun restarts the group). A frozen worker costs about 100 s (the watchdog's
+    minute, then torchrun's teardown): it is in docs/reliability.md's longer schedule, and alone in
+    test_reliability.py."""
+    r, record = chaos(tmp_path, "--seed", "22", "--faults", "3", "--kinds", "kill,preempt,second")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [f["kind"] for f in record["faults"]] == ["second", "preempt", "kill", "freeze"]
+    assert [f["kind"] for f in record["faults"]] == ["second", "preempt", "kill"]
     assert all(f["injected_at"] for f in record["faults"]) and record["breaches"] == []
     assert "refused, run undisturbed" in r.stdout and "every invariant holds" in r.stdout
     assert all(f["recovery_s"] for f in record["faults"] if f["kind"] != "second")

@@ -145,7 +145,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", first, tmp_path / "first.log",
                    timeout=300)
         s3_server.stop()
-        time.sleep(70)
+        time.sleep(40)
         s3_server.start()
         assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
@@ -181,7 +181,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
 
 
 def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, s3_url):
-    """A hung store: the S3 server of the tests frozen with SIGSTOP for 70 s (connections stay open,
+    """A hung store: the S3 server of the tests frozen with SIGSTOP for 40 s (connections stay open,
     nothing answers) while the run saves to it every 50 steps, with the shipped defaults. The save
     that meets the freeze waits (no call waits for good: s3 read timeout 60 s, then retries) within
     the save's limit, so the watchdog does not call it a hang; the save completes after the thaw and
@@ -196,7 +196,7 @@ def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, 
                    timeout=300)
         os.kill(s3_server.proc.pid, signal.SIGSTOP)
         frozen, at_freeze = True, max(steps(tmp_path))
-        time.sleep(70)
+        time.sleep(40)
         assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
         at_thaw = max(steps(tmp_path))
         os.kill(s3_server.proc.pid, signal.SIGCONT)

@@ -105,3 +105,16 @@ def test_a_process_suspended_as_a_whole_is_not_called_hung(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "was suspended for 1" in err and "no progress" not in err
+
+
+def test_a_restart_with_step_times_from_before_is_held_to_the_step_limit_from_its_first_step():
+    from gpt2.watchdog import FLOOR_S, STEP_FACTOR, Watchdog
+
+    fresh, restarted = Watchdog(600), Watchdog(600)
+    fresh.steps()
+    restarted.steps(before=[0.5, 4.0, 0.5])
+    assert fresh.limit_s == 600  # nothing timed yet: the ceiling
+    assert restarted.limit_s == max(FLOOR_S, STEP_FACTOR * 4.0) == 80
+    for _ in range(25):  # its own steps replace the ones from before
+        restarted.step_done(0.1)
+    assert restarted.limit_s == FLOOR_S
