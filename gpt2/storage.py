@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A full disk, a quota, a read-only file system: not transient
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-S3_CONNECT_TIMEOUT_S = 10
-S3_READ_TIMEOUT_S = 60
 
 
 
@@ -31,13 +29,6 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     if "://" in url and not url.startswith(("file://", "local://")):
         # other processes (ranks, restarted jobs) write here too: never trust a cached listing
         options.setdefault("use_listings_cache", False)
-    if url.startswith(("s3://", "s3a://")):
-        # no call waits on a store for good: a connection within 10 s, some bytes every 60 s (a slow
-        # transfer that still moves is never cut); each failure is then retried with backoff
-        config = dict(options.get("config_kwargs") or {})
-        config.setdefault("connect_timeout", S3_CONNECT_TIMEOUT_S)
-        config.setdefault("read_timeout", S3_READ_TIMEOUT_S)
-        options["config_kwargs"] = config
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as err:

@@ -153,7 +153,9 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         if s3_server.proc is None:
             s3_server.start()
     text = (tmp_path / "first.log").read_text()
-    assert "could not renew the lease" in text and "holding back step records" in text, text[-3000:]
+    # the trainer met the outage: its lease renewals and checks failed and were retried (training held
+    # back its records meanwhile, or a save's fence waited the outage out, as the timing falls)
+    assert "failed (EndpointConnectionError" in text, text[-3000:]
     assert sorted(steps(tmp_path)) == list(range(700))  # nothing lost, nothing twice
 
     second = popen_train(tmp_path, extra=dict(extra, **{"checkpoint.outage_s": 60}), log_name="second.log")
@@ -168,9 +170,11 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         stop(second)
         s3_server.start()
     text = (tmp_path / "second.log").read_text()
-    assert code == 202 and 60 <= took < 120, (code, took, text[-3000:])
+    # the outage is counted from the storage's last answer (a renewal up to 15 s before the stop)
+    assert code == 202 and 40 <= took < 120, (code, took, text[-3000:])
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors and f"checkpoint.dir {ckpt_url} has not answered for" in errors[-1], errors
+    assert int(re.search(r"has not answered for (\d+) s", errors[-1]).group(1)) >= 60, errors[-1]
     ledger = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
     assert ledger[-1]["event"] == "end" and ledger[-1]["exit_code"] == 202
     assert "StorageUnavailable" in ledger[-1]["reason"]
@@ -183,7 +187,7 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
 def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, s3_url):
     """A hung store: the S3 server of the tests frozen with SIGSTOP for 40 s (connections stay open,
     nothing answers) while the run saves to it every 50 steps, with the shipped defaults. The save
-    that meets the freeze waits (no call waits for good: s3 read timeout 60 s, then retries) within
+    that meets the freeze waits (no call waits for good: s3fs's read timeout 15 s, then retries) within
     the save's limit, so the watchdog does not call it a hang; the save completes after the thaw and
     the run finishes with every step once."""
     ckpt_url = f"{s3_url}/ckpt"
