@@ -76,9 +76,10 @@ class Evaluator:
         if self.val_loader is not None and due(e.val_every):
             with phase("evaluation: val loss"):
                 self.val_loss(step)
-        if due(e.hellaswag_every) and self.hellaswag_path() is not None:
-            with phase("evaluation: HellaSwag"):
-                self.hellaswag(step)
+        if due(e.hellaswag_every):
+            with phase("evaluation: HellaSwag"):  # its first download too
+                if self.hellaswag_path() is not None:
+                    self.hellaswag(step)
         if step > 0 and due(e.sample_every):
             with phase("evaluation: samples", ceiling=True):  # one generate call, no batches to beat on
                 self.samples(step)

@@ -26,7 +26,17 @@ from gpt2.watchdog import beat
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_VAL_EXAMPLES = 10_042
+DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read
 
+
+
+def download(url: str, path: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
+    """Copy `url` to `path` in chunks, each one progress for the watchdog; a read that waits longer
+    than `timeout_s` is an OSError."""
+    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(path, "wb") as out:
+        while chunk := response.read1(1 << 20):  # what has arrived: progress even on a slow link
+            out.write(chunk)
+            beat()
 
 
 def data_path(configured: str | None) -> Path:
@@ -41,12 +51,14 @@ def data_path(configured: str | None) -> Path:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         try:
-            urllib.request.urlretrieve(URL, tmp)
+            download(URL, tmp)
+            os.replace(tmp, cached)
         except OSError as err:
             raise HellaSwagUnavailable(
                 f"cannot download HellaSwag ({err}); set eval.hellaswag_path to a local hellaswag_val.jsonl"
             ) from None
-        os.replace(tmp, cached)
+        finally:
+            tmp.unlink(missing_ok=True)
     return cached
 
 

@@ -7,7 +7,8 @@ Layout of a data directory (local or any fsspec URL):
     train_000000.npy   the rest, `shard_tokens` per shard (the last one may be shorter)
     ...
 
-Remote shards are fetched once into a local cache keyed by their sha256 (verified on the way in);
+Remote shards are fetched into a local cache keyed by their sha256 (verified on the way in; in
+chunks, resumable, once per host, the next one ahead in the background: gpt2.fetch);
 local shards are memory-mapped and verified before their first read. Manifests written before
 shards had hashes still load (checked by size only, with a warning).
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gpt2.errors import DataError
+from gpt2.fetch import Fetch
 from gpt2.storage import filesystem, is_local, join, with_retries, write_bytes
 from gpt2.watchdog import beat
 
@@ -188,6 +191,8 @@ class ShardSet:
         sizes = [int(e["tokens"]) for e in self.entries]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._arrays: dict[int, np.ndarray] = {}
+        self._fetches: dict[int, Fetch] = {}
+        self._fetch_lock = threading.Lock()
 
     @property
     def num_tokens(self) -> int:
@@ -216,25 +221,39 @@ class ShardSet:
             if self.local:
                 self._array(self.entries.index(e))
 
+    def _cache_path(self, i: int) -> Path:
+        sha = self.entries[i].get("sha256")
+        return self.cache / "sha256" / f"{sha}.npy" if sha else self.legacy_cache / self.entries[i]["file"]
+
+    def _cached(self, i: int) -> bool:
+        target = self._cache_path(i)
+        # a hashed file was verified when it entered the cache; an unhashed one is trusted on its size
+        return target.exists() and (bool(self.entries[i].get("sha256"))
+                                    or target.stat().st_size == npy_size(int(self.entries[i]["tokens"])))
+
+    def _fetch(self, i: int) -> Fetch:
+        """The copy of remote shard `i` into the cache, started in the background if it was not."""
+        with self._fetch_lock:
+            if i not in self._fetches:
+                name, sha = self.entries[i]["file"], self.entries[i].get("sha256")
+                check = (lambda path: self._check_hash(i, path)) if sha else None
+                self._fetches[i] = Fetch(self.fs, join(self.root, name), self._cache_path(i),
+                                         npy_size(int(self.entries[i]["tokens"])), f"{self.url}/{name}", check).start()
+            return self._fetches[i]
+
     def _local_path(self, i: int) -> str:
-        name, sha = self.entries[i]["file"], self.entries[i].get("sha256")
         if self.local:
-            return join(self.root, name)
-        target = self.cache / "sha256" / f"{sha}.npy" if sha else self.legacy_cache / name
-        if target.exists() and (sha or target.stat().st_size == npy_size(int(self.entries[i]["tokens"]))):
-            self._verified.add(i)  # verified when it entered the cache
-            return str(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with_retries(lambda: self.fs.get_file(join(self.root, name), str(tmp)), f"fetching {self.url}/{name}")
-            if sha:
-                self._check_hash(i, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._verified.add(i)
-        return str(target)
+            return join(self.root, self.entries[i]["file"])
+        if not self._cached(i):
+            self._fetch(i).wait()
+        self._verified.add(i)  # verified on its way into the cache
+        self._prefetch(i)
+        return str(self._cache_path(i))
+
+    def _prefetch(self, i: int) -> None:
+        """Start copying the shard after `i` while `i` is read, so that a step rarely waits for one."""
+        if not self.local and i + 1 < len(self.entries) and not self._cached(i + 1):
+            self._fetch(i + 1)
 
     def _check_hash(self, i: int, path: str | os.PathLike) -> None:
         """DataError naming the shard and how to re-prepare it when its bytes are not the manifest's."""

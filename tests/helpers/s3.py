@@ -16,11 +16,13 @@ S3_KEY, S3_SECRET, S3_BUCKET = "gpt2-test-key", "gpt2-test-secret", "gpt2-test"
 
 
 class S3Server:
-    """`weed mini` on 127.0.0.1 (S3 on :8333); can be stopped and started to simulate an outage."""
+    """`weed mini` on 127.0.0.1 (S3 on :8333); can be stopped and started to simulate an outage.
+    With `netns`, it runs inside that network namespace on `ip` (for a slow link)."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.endpoint = "http://127.0.0.1:8333"
+    def __init__(self, workdir: Path, ip: str = "127.0.0.1", netns: str | None = None):
+        self.workdir, self.ip = workdir, ip
+        self.endpoint = f"http://{ip}:8333"
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -43,7 +45,8 @@ class S3Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(
-            [weed, "mini", f"-dir={self.workdir}", "-ip=127.0.0.1", "-master.telemetry=false", f"-bucket={S3_BUCKET}"],
+            [*self.prefix, weed, "mini", f"-dir={self.workdir}", f"-ip={self.ip}", "-master.telemetry=false",
+             f"-bucket={S3_BUCKET}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
             env=dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET),
         )

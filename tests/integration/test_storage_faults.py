@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI
-from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
+from helpers.runs import losses, popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.errors import EXIT_ERROR, EXIT_HUNG
 
@@ -215,3 +215,95 @@ def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, 
     text = (tmp_path / "run.log").read_text()
     assert f"saved checkpoint {ckpt_url}/step-{at_thaw + 1:08d}" in text and "hung" not in text
     assert sorted(steps(tmp_path)) == list(range(1000))
+
+
+@pytest.fixture
+def store_behind_a_link():
+    """The S3 server of the tests in a network namespace of its own, reached over a veth pair whose
+    far end `throttle(rate)` slows with tc; the namespace and the link are removed afterwards."""
+    need_root()
+    if shutil.which("tc") is None:
+        pytest.fail("tc (iproute2) is missing") if IN_CI else pytest.skip("tc (iproute2) is missing")
+    from helpers.s3 import S3Server
+
+    ns, near, far = f"gslow{os.getpid() % 100000}", f"gsh{os.getpid() % 100000}", f"gsn{os.getpid() % 100000}"
+    net = f"10.214.{os.getpid() % 250}"
+
+    def run(*args: str) -> None:
+        subprocess.run(list(args), check=True, capture_output=True)
+
+    run("ip", "netns", "add", ns)
+    server = None
+    try:
+        run("ip", "link", "add", near, "type", "veth", "peer", "name", far)
+        run("ip", "link", "set", far, "netns", ns)
+        run("ip", "addr", "add", f"{net}.1/24", "dev", near)
+        run("ip", "link", "set", near, "up")
+        run("ip", "-n", ns, "addr", "add", f"{net}.2/24", "dev", far)
+        run("ip", "-n", ns, "link", "set", far, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        server = S3Server(Path(os.environ.get("TMPDIR", "/tmp")) / ns, ip=f"{net}.2", netns=ns)
+        server.start()
+
+        def throttle(rate: str) -> None:  # what the store sends: the direction of a download
+            run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", far, "root", "tbf", "rate", rate,
+                "burst", "4kb", "latency", "2s")
+
+        yield server, throttle
+    finally:
+        if server is not None:
+            server.stop()
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+        if server is not None:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_behind_a_link):
+    """data.dir on an S3 store behind a link throttled with tc to 32 kbit/s, shipped defaults. Shard 1
+    (400 KB) takes about 100 s to arrive, while training reaches its end in a few seconds: a step then
+    waits for it longer than the step-based hang limit (60 s here), watching the copy grow. The run
+    finishes with the losses of the same run on local data, and says how far the copy was."""
+    from helpers.s3 import S3_BUCKET
+
+    from gpt2.shards import MANIFEST
+    from gpt2.storage import filesystem
+
+    server, throttle = store_behind_a_link
+    extra = {"data.shard_tokens": 200000, "train.max_steps": 420, "checkpoint.every": 1000, "eval.val_every": 0}
+    local = tmp_path / "local"
+    local.mkdir()
+    reference = train(local, extra=extra)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    url = f"s3://{S3_BUCKET}/slow/data"
+    fs, root = filesystem(url, server.storage_options)
+    fs.put(str(local / "data") + "/", root + "/", recursive=True)
+    manifest = json.loads((local / "data" / MANIFEST).read_text())
+    assert [s["file"] for s in manifest["shards"] if s["split"] == "train"][:2] == ["train_000000.npy",
+                                                                                  "train_000001.npy"]
+    cache = tmp_path / "cache"
+    (cache / "sha256").mkdir(parents=True)
+    for shard in manifest["shards"]:  # on this node already, all but shard 1: the one that comes slowly
+        if shard["file"] != "train_000001.npy":
+            shutil.copy(local / "data" / shard["file"], cache / "sha256" / f"{shard['sha256']}.npy")
+    throttle("32kbit")
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    run = popen_train(remote, extra=dict(extra, **{"data.dir": url, "data.cache_dir": str(cache)}), env=server.env)
+    try:
+        code = run.wait(timeout=400)
+    finally:
+        stop(run)
+    text = (remote / "train.log").read_text()
+    assert code == 0, text[-3000:]
+    waits = [int(w) for w in re.findall(rf"fetching {url}/train_000001.npy: .* MB after (\d+) s of waiting", text)]
+    assert waits and max(waits) >= 60, text[-3000:]  # the step waited past the 60 s step limit
+    assert "hung" not in text and "no progress" not in text
+    assert len(losses(remote)) == 420 and losses(remote) == losses(local)

@@ -13,7 +13,8 @@ from conftest import REPO
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS: list[set[str]] = [
-    {"errors", "logs", "config", "storage", "tokenizer", "distributed", "runtime", "watchdog"},
+    {"errors", "logs", "config", "storage", "tokenizer", "distributed", "runtime", "watchdog",
+     "fetch"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
     {"data", "checkpoint", "prepare", "recipe", "goodput"},
     {"loading", "sample", "evaluator", "microbatch"},
