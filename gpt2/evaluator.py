@@ -59,6 +59,19 @@ class Evaluator:
         self._hellaswag_unavailable = False
         self.seconds = 0.0  # spent evaluating in this attempt (for goodput)
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile the evaluation's forward now, with the training step, rather than in the first
+        evaluation after a start (whose limit is the step-based one)."""
+        if self.val_loader is None or not self.e.val_every:
+            return
+        x = torch.zeros((self.val_loader.micro_batch, self.val_loader.row_tokens - 1), dtype=torch.long,
+                        device=self.dist.device)
+        self.model.eval()
+        with self.autocast:
+            self.model(x, x)
+        self.model.train()
+
     def run_due(self, step: int, last: bool = False) -> None:
         """Every evaluation due at `step` (all of them when `last`)."""
         t0 = time.monotonic()

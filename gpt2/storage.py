@@ -110,8 +110,37 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
             write(f)
 
 
-def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    atomic_write(fs, path, lambda f: f.write(data))
+CHUNK = 16 << 20  # reads and writes of large files go in pieces this big, each one progress
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
+                progress: Callable[[], None] | None = None) -> None:
+    """Write `data` atomically; `progress()` after every CHUNK written (a long save is not a hang)."""
+    def write(f: Any) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), CHUNK):
+            f.write(view[start:start + CHUNK])
+            if progress is not None:
+                progress()
+
+    atomic_write(fs, path, write)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str,
+               progress: Callable[[], None] | None = None) -> bytes | bytearray:
+    """The whole file; `progress()` after every CHUNK read (a long load is not a hang). Read into
+    one buffer of the file's size: a checkpoint is not held twice in memory."""
+    if progress is None:
+        return fs.cat_file(path)
+    size = fs.size(path)
+    buf = bytearray(size)
+    view, have = memoryview(buf), 0
+    with fs.open(path, "rb") as f:
+        while have < size and (n := f.readinto(view[have:have + CHUNK])):
+            have += n
+            progress()
+    view.release()
+    return buf if have == size else buf[:have]
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:

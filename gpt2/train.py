@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2 import distributed, logs
 from gpt2.checkpoint import Checkpointer, ResumePlan, ResumePoint, apply_plan, check_fits, plan_resume
 from gpt2.checkpoint.lease import Lease, submission_of
+from gpt2.compile_cache import CompileCache, cache_counts
 from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_accum_steps, to_dict, to_yaml
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
 from gpt2.errors import (
@@ -362,18 +363,29 @@ class Trainer:
 
     def warm_up(self) -> None:
         """Compile the training step before the first collective: a forward and backward of a batch of
-        zeros without gradient sync, then a barrier (within the process-group timeout). Ranks whose
-        compilation is slow (another node, a cold cache) then no longer stall their peers' all-reduce."""
+        zeros without gradient sync, the evaluation's forward, then a barrier (within the process-group
+        timeout). Ranks whose compilation is slow (another node, a cold cache) then no longer stall
+        their peers' all-reduce. The compiled artifacts are kept with the run (gpt2.compile_cache)."""
         t0 = time.monotonic()
-        x = torch.zeros((self.micro_batch, self.cfg.train.seq_len), dtype=torch.long, device=self.device)
+        cfg = self.cfg
+        cache = CompileCache(cfg.checkpoint.dir, cfg.checkpoint.storage_options, self.device.type, {
+            "model": dataclasses.asdict(cfg.model), "micro_batch": self.micro_batch, "seq_len": cfg.train.seq_len,
+            "dtype": str(self.dtype), "mode": cfg.train.compile_mode, "world_size": self.dist.world_size})
+        cache.load()
+        x = torch.zeros((self.micro_batch, cfg.train.seq_len), dtype=torch.long, device=self.device)
         sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
         with sync:
             with self.autocast:
                 _, loss = self.model(x, x)
             loss.backward()
         self.optimizer.zero_grad(set_to_none=True)
+        self.evaluator.warm_up()
+        if self.dist.is_main and not cache.loaded:
+            cache.save()
         distributed.barrier()
-        log.info(f"compiled the training step in {time.monotonic() - t0:.1f} s (every rank ready)")
+        hits, misses = cache_counts()
+        log.info(f"compiled the training step in {time.monotonic() - t0:.1f} s (every rank ready; compile cache: "
+                 f"{hits} hits, {misses} misses{', from stored artifacts' if cache.loaded else ''})")
 
     def record(self, step: int, loss: float, out: StepOutput, batch_hash: int, dt: float,
                warmup: bool) -> StepRecord:

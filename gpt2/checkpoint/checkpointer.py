@@ -20,7 +20,7 @@ from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoi
 from gpt2.config import CheckpointConfig
 from gpt2.errors import CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
 from gpt2.storage import ensure_directory
-from gpt2.watchdog import phase
+from gpt2.watchdog import beat, phase
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,8 @@ class Checkpointer:
         meta = dict(self.describe(step), lineage=self.lineage.record())
         if self.lease is not None:
             meta["writer"] = self.lease.describe()
-        if blocking:
-            self._write(state, step, meta)
+        if blocking:  # every chunk written is progress (not in the background: training is that)
+            self._write(state, step, meta, progress=beat)
             return
         self._thread = threading.Thread(target=self._write_in_thread, args=(state, step, meta),
                                         name=f"checkpoint-{step}", daemon=True)
@@ -305,9 +305,11 @@ class Checkpointer:
         if self.lease is not None:
             self.lease.fence()
 
-    def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
+    def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any],
+               progress: Callable[[], None] | None = None) -> None:
         try:
-            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns)
+            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
+                             progress=progress)
         except LeaseLost:
             log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
             raise

@@ -34,7 +34,8 @@ import torch
 
 from gpt2.checkpoint.lineage import Lineage
 from gpt2.errors import CheckpointError, CheckpointUnloadable, StorageError
-from gpt2.storage import filesystem, join, with_retries, write_bytes
+from gpt2.storage import filesystem, join, read_bytes, with_retries, write_bytes
+from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,13 @@ class CheckpointStore:
         return out, damaged
 
     def write(self, state: dict[str, Any], step: int, meta: dict[str, Any], writer: str | None = None,
-              fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True
-              ) -> None:
+              fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True,
+              progress: Callable[[], None] | None = None) -> None:
         """Write `state` as step `step` into a state file of this writer's own (`writer`: a name
         part unique to it), commit it, then prune to the newest `keep` of the lineage (`owns`).
         `fence()` runs right before the commit marker and before pruning: a writer that was
-        superseded raises there and its save is abandoned (its own state file removed)."""
+        superseded raises there and its save is abandoned (its own state file removed). `progress()`
+        after every chunk written."""
         t0 = time.monotonic()
         writer = writer or uuid.uuid4().hex[:8]
         path = join(self.root, step_dir_name(step))
@@ -143,7 +145,8 @@ class CheckpointStore:
                     writer_tag=writer, saved_at=time.time())
         r = self.retries
         with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r)
-        with_retries(lambda: write_bytes(self.fs, join(path, state_file), data), f"writing {url}/{state_file}", r)
+        with_retries(lambda: write_bytes(self.fs, join(path, state_file), data, progress),
+                     f"writing {url}/{state_file}", r)
         try:
             fence()
         except BaseException:
@@ -223,7 +226,7 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
     if not isinstance(name, str) or not _STATE.match(name):
         raise CheckpointError(f"{url}/{MARKER} names no valid state file ({name!r}) (corrupt)")
     try:
-        data = with_retries(lambda: fs.cat_file(join(path, name)), f"reading {url}/{name}", retries)
+        data = with_retries(lambda: read_bytes(fs, join(path, name), beat), f"reading {url}/{name}", retries)
     except FileNotFoundError:
         raise CheckpointError(f"{url}/{name} is missing") from None
     except MemoryError:

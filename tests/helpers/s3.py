@@ -61,6 +61,7 @@ class S3Server:
                 continue
             break
         else:
+            self.stop()  # never leave a half-started server behind (it may hold ports)
             raise RuntimeError(f"SeaweedFS did not start; see {self.workdir}/weed.log")
         import s3fs
 
@@ -71,6 +72,7 @@ class S3Server:
                 return
             except Exception:
                 time.sleep(0.3)
+        self.stop()
         raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} did not appear; see {self.workdir}/weed.log")
 
     def stop(self) -> None:

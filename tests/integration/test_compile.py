@@ -69,3 +69,31 @@ def test_compiled_training_compiles_once_and_matches_eager(tmp_path):
     compiled.update(resumed)
     for step in range(8):
         assert math.isclose(compiled[step], eager[step], rel_tol=REL_TOL), (step, compiled[step], eager[step])
+
+
+@pytest.mark.slow
+def test_a_restart_on_another_node_compiles_from_the_stored_artifacts(tmp_path):
+    """A compiled run stores its compile artifacts with its checkpoints; a restart on a node whose own
+    caches are empty (another TORCHINDUCTOR_CACHE_DIR) loads them and compiles nothing from scratch,
+    with the losses an uninterrupted compiled run has."""
+    import re
+
+    from helpers.runs import losses, train
+
+    extra = {"train.compile": "true", "train.max_steps": 6, "checkpoint.every": 3, "eval.val_every": 3}
+    first = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 3}),
+                  env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node-a")})
+    out = first.stdout + first.stderr
+    assert first.returncode == 0, out[-3000:]
+    assert "stored compile artifacts at" in out and "compile-cache/" in out, out[-3000:]
+    hits, misses = map(int, re.search(r"compile cache: (\d+) hits, (\d+) misses", out).groups())
+    assert misses > 0, out[-2000:]  # a cold node: this is what the restart must not repeat
+
+    second = train(tmp_path, extra=extra, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node-b")})
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "loaded compile artifacts from" in out, out[-3000:]
+    hits, misses = map(int, re.search(r"compile cache: (\d+) hits, (\d+) misses, from stored artifacts",
+                                      out).groups())
+    assert hits > 0 and misses == 0, out[-2000:]
+    assert len(losses(tmp_path)) == 6

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"errors", "logs", "config", "storage", "tokenizer", "distributed", "runtime", "watchdog",
      "fetch"},
     {"model", "shards", "optim", "metrics", "hellaswag"},
-    {"data", "checkpoint", "prepare", "recipe", "goodput"},
+    {"data", "checkpoint", "prepare", "recipe", "goodput", "compile_cache"},
     {"loading", "sample", "evaluator", "microbatch"},
     {"train", "evaluate"},
     {"bench", "plot", "status", "launch", "chaos"},

@@ -46,3 +46,16 @@ def test_local_writes_leave_no_temporary_files(tmp_path):
     write_bytes(fs, f"{root}/sub/file.bin", b"defg")
     assert (tmp_path / "sub" / "file.bin").read_bytes() == b"defg"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["file.bin"]
+
+
+def test_large_files_are_written_and_read_in_chunks_each_one_progress(tmp_path):
+    import os
+
+    from gpt2.storage import CHUNK, filesystem, read_bytes, write_bytes
+
+    data = os.urandom(3 * CHUNK + 5)
+    fs, root = filesystem(str(tmp_path))
+    calls = []
+    write_bytes(fs, f"{root}/big.pt", data, progress=lambda: calls.append("w"))
+    got = read_bytes(fs, f"{root}/big.pt", progress=lambda: calls.append("r"))
+    assert got == data and calls == ["w"] * 4 + ["r"] * 4
