@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MB = 1 << 20
 CHUNK_S = 2.0  # a ranged read should take about this long: progress every few seconds at any speed
-MIN_CHUNK, MAX_CHUNK = 256 << 10, 64 << 20
+MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20  # 64 KB: 16 s at 32 kbit/s, well inside the 60 s step limit
 POLL_S = 0.5
 PROGRESS_EVERY_S = 30.0
 
