@@ -17,8 +17,10 @@ rows read before it, so the position continues by tokens seen.
 
 from __future__ import annotations
 
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from gpt2.config import Config, grad_accum_steps
 from gpt2.shards import DataError, ShardSet, open_split
 from gpt2.tokenizer import tokenizer_class
+from gpt2.watchdog import beat
 
 
 @dataclass(frozen=True)
@@ -114,14 +117,35 @@ class ReadAhead:
         self.loader = loader
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpt2-data")
         self._next: tuple[tuple[int, int], Future] | None = None
+        self._waited = 0.0
 
     def rows(self, step: int, micro_step: int) -> np.ndarray:
         """The same rows as `loader.rows(step, micro_step)`; starts reading the micro-batch after it."""
         key = (step, micro_step)
-        rows = self._next[1].result() if self._next and self._next[0] == key else self.loader.rows(*key)
+        rows = self._result(self._next[1]) if self._next and self._next[0] == key else self.loader.rows(*key)
         upcoming = (step, micro_step + 1) if micro_step + 1 < self.loader.layout.accum_steps else (step + 1, 0)
         self._next = (upcoming, self._pool.submit(self.loader.rows, *upcoming))
         return rows
+
+    def _result(self, future: Future) -> np.ndarray:
+        """Wait for the read-ahead; while it waits for a shard's copy, every chunk copied is progress."""
+        t0 = time.monotonic()
+        seen = self.loader.shards.copied()
+        while True:
+            try:
+                rows = future.result(timeout=0.5)
+                break
+            except FutureTimeout:
+                if (copied := self.loader.shards.copied()) != seen:
+                    beat()
+                    seen = copied
+        self._waited += time.monotonic() - t0
+        return rows
+
+    def waited(self) -> float:
+        """Seconds spent waiting for data since the last call (not the step's own time)."""
+        waited, self._waited = self._waited, 0.0
+        return waited
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

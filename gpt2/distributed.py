@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,6 +13,11 @@ import torch
 import torch.distributed as dist
 
 from gpt2.config import ConfigError
+from gpt2.watchdog import beat
+
+HEARTBEAT_S = 2.0  # each rank bumps its counter in the process group's store this often
+STALE_S = 15.0  # a rank whose counter has not moved for this long is not alive (frozen, cut off, gone)
+POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(timeout.total_seconds()) + 60))
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(world, timeout),
                                 rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        _liveness.start(rank)
     return Dist(rank, local_rank, world, device)
 
 
@@ -79,6 +87,7 @@ def teardown() -> None:
     collecting, a barrier and destroying the group avoids that.
     """
     gc.collect()
+    _liveness.stop()
     if dist.is_initialized():
         try:
             dist.barrier()
@@ -88,6 +97,7 @@ def teardown() -> None:
 
 def abort() -> None:
     """Leave the process group after a failure, without a barrier (peers may be gone)."""
+    _liveness.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -118,3 +128,93 @@ def all_gather_object(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class Liveness:
+    """Each rank's heartbeat in the process group's store (a counter bumped every HEARTBEAT_S by a
+    daemon thread), and a barrier that watches it: `wait_for_all()`.
+
+    A heartbeat says only that the process runs; whether its main thread moves is for that
+    process's own watchdog to judge. So a rank waiting for another rank's long work (rank 0's
+    checkpoint save) waits as long as every rank lives, and a rank that stops (frozen, cut off,
+    gone) is found at the waiter's step-based limit instead of the ceiling.
+    """
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._waits = 0  # barriers so far: the same sequence on every rank
+
+    def start(self, rank: int) -> None:
+        store = _store()
+        if store is None or self._thread is not None:
+            return
+        self._stop = threading.Event()  # a stopped thread keeps its own, set
+        self._waits = 0
+        store.add(f"gpt2/alive/{rank}", 1)  # exists before anyone waits on it
+        self._thread = threading.Thread(target=self._bump, args=(store, rank, self._stop), name="gpt2-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread = None
+
+    @staticmethod
+    def _bump(store: dist.Store, rank: int, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                store.add(f"gpt2/alive/{rank}", 1)
+            except Exception:  # the store is unreachable: this rank looks gone to the others, as it is to them
+                pass
+
+    def wait_for_all(self) -> None:
+        """A barrier for a wait of unknown length: progress for the watchdog while every rank lives."""
+        store = _store() if self._thread is not None else None
+        if store is None:
+            barrier()
+            return
+        self._waits += 1
+        key, world = f"gpt2/wait/{self._waits}", dist.get_world_size()
+        alive_keys = [f"gpt2/alive/{r}" for r in range(world)]
+        arrived = False
+        last: list[bytes] = []
+        since: list[float] = []
+        while True:
+            try:
+                if not arrived:
+                    store.add(key, 1)
+                    arrived = True
+                if store.add(key, 0) >= world:
+                    break
+                counts, now = store.multi_get(alive_keys), time.monotonic()
+            except Exception:  # the store is unreachable (its host is gone or cut off): no progress
+                time.sleep(POLL_S)
+                continue
+            if len(last) != len(counts):
+                last, since = list(counts), [now] * len(counts)
+            for r, count in enumerate(counts):
+                if count != last[r]:
+                    last[r], since[r] = count, now
+            if all(now - t < STALE_S for t in since):
+                beat()
+            time.sleep(POLL_S)
+        barrier()  # cheap now that every rank is here; keeps every backend's collective order
+
+
+_liveness = Liveness()
+
+
+def _store() -> dist.Store | None:
+    """The process group's store (torchrun's TCP store), or None in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):  # a private API: without it, a plain barrier
+        return None
+
+
+def wait_for_all() -> None:
+    """A barrier whose wait is progress while every rank lives (see `Liveness`)."""
+    _liveness.wait_for_all()

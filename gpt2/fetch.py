@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,15 +25,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gpt2.errors import DataError
-from gpt2.storage import with_retries
+from gpt2.errors import DataError, StorageFull
+from gpt2.storage import PERMANENT_ERRNOS, with_retries
 from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
 
 MB = 1 << 20
 CHUNK_S = 2.0  # a ranged read should take about this long: progress every few seconds at any speed
-MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20  # 64 KB: 16 s at 32 kbit/s, well inside the 60 s step limit
+# 64 KB takes 16 s at 32 kbit/s, well inside the 60 s step limit; 8 MB at most, so that a link that
+# slows down 30x in the middle of a read still shows progress in time
+MIN_CHUNK, MAX_CHUNK = 64 << 10, 8 << 20
 POLL_S = 0.5
 PROGRESS_EVERY_S = 30.0
 
@@ -56,6 +59,16 @@ class Fetch:
             self._thread = threading.Thread(target=self._run, name="gpt2-fetch", daemon=True)
             self._thread.start()
         return self
+
+    @property
+    def done(self) -> bool:
+        """Whether the copy ended (copied, or failed: `wait()` says which)."""
+        return self._done.is_set()
+
+    @property
+    def progress(self) -> int:
+        """Bytes copied so far (by this process or the one of this host that copies): grows with the copy."""
+        return self.size if self.done else self._have()
 
     def wait(self) -> Path:
         """The target once it is there; the copy's error if it failed. Beats while the copy grows."""
@@ -105,6 +118,24 @@ class Fetch:
                     fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _copy(self) -> None:
+        if self.check is None:  # nothing would tell a stale prefix from a good one: start over
+            self.partial.unlink(missing_ok=True)
+        while True:
+            resumed = self._have() > 0
+            try:
+                self._append_rest()
+                if self.check is not None:
+                    self.check(self.partial)
+                break
+            except DataError:
+                self.partial.unlink(missing_ok=True)  # wrong bytes: never resumed from
+                if not resumed:
+                    raise
+                # what was there was not a prefix of this file (a crash lost its tail, the file changed)
+                log.warning(f"the resumed copy of {self.what} did not match; copying it again from the start")
+        self.partial.replace(self.target)
+
+    def _append_rest(self) -> None:
         have = self._have()
         if have > self.size:  # not a prefix of this file
             self.partial.unlink()
@@ -112,24 +143,24 @@ class Fetch:
         if have:
             log.info(f"resuming the copy of {self.what} at {have / MB:.1f} of {self.size / MB:.1f} MB")
         chunk = MIN_CHUNK
-        with open(self.partial, "ab") as out:
-            while have < self.size:
-                t0 = time.monotonic()
-                start, end = have, min(have + chunk, self.size)
-                data = with_retries(partial(self.fs.cat_file, self.src, start=start, end=end),
-                                    f"fetching {self.what} (bytes {start}-{end})")
-                if not data:
-                    raise DataError(f"{self.what} ends at {have} bytes, {self.size} were expected; "
-                                       "prepare the data again")
-                out.write(data)
-                out.flush()
-                have += len(data)
-                rate = len(data) / max(time.monotonic() - t0, 1e-3)
-                chunk = int(min(MAX_CHUNK, max(MIN_CHUNK, rate * CHUNK_S)))
-        if self.check is not None:
-            try:
-                self.check(self.partial)
-            except BaseException:
-                self.partial.unlink(missing_ok=True)  # wrong bytes: never resumed from
-                raise
-        self.partial.replace(self.target)
+        try:
+            with open(self.partial, "ab") as out:
+                while have < self.size:
+                    t0 = time.monotonic()
+                    start, end = have, min(have + chunk, self.size)
+                    data = with_retries(partial(self.fs.cat_file, self.src, start=start, end=end),
+                                        f"fetching {self.what} (bytes {start}-{end})")
+                    if not data or len(data) > end - start:
+                        raise DataError(f"{self.what}: asked for bytes {start}-{end} of {self.size}, got "
+                                        f"{len(data)} (the file is shorter than its manifest says, or the store "
+                                        "ignores ranged reads); prepare the data again or check the store")
+                    out.write(data)
+                    out.flush()
+                    have += len(data)
+                    rate = len(data) / max(time.monotonic() - t0, 1e-3)
+                    chunk = int(min(MAX_CHUNK, max(MIN_CHUNK, rate * CHUNK_S)))
+        except OSError as err:
+            if err.errno in PERMANENT_ERRNOS:
+                raise StorageFull(f"copying {self.what} into {self.partial.parent} failed: {os.strerror(err.errno)}; "
+                                  "free space there or set data.cache_dir to a larger disk") from err
+            raise

@@ -234,7 +234,10 @@ class ShardSet:
     def _fetch(self, i: int) -> Fetch:
         """The copy of remote shard `i` into the cache, started in the background if it was not."""
         with self._fetch_lock:
-            if i not in self._fetches:
+            # a copy that failed, or whose file left the cache since: copy again
+            if i not in self._fetches or (self._fetches[i].done and not self._cached(i)):
+                if self._cache_path(i).exists() and not self._cached(i):  # an unhashed file of another size
+                    self._cache_path(i).unlink()
                 name, sha = self.entries[i]["file"], self.entries[i].get("sha256")
                 check = (lambda path: self._check_hash(i, path)) if sha else None
                 self._fetches[i] = Fetch(self.fs, join(self.root, name), self._cache_path(i),
@@ -249,6 +252,11 @@ class ShardSet:
         self._verified.add(i)  # verified on its way into the cache
         self._prefetch(i)
         return str(self._cache_path(i))
+
+    def copied(self) -> int:
+        """Bytes of remote shards copied so far: whoever waits for a copy sees progress in it."""
+        with self._fetch_lock:
+            return sum(f.progress for f in self._fetches.values())
 
     def _prefetch(self, i: int) -> None:
         """Start copying the shard after `i` while `i` is read, so that a step rarely waits for one."""

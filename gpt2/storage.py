@@ -128,8 +128,8 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str,
                progress: Callable[[], None] | None = None) -> bytes | bytearray:
-    """The whole file; `progress()` after every CHUNK read (a long load is not a hang). Read into
-    one buffer of the file's size: a checkpoint is not held twice in memory."""
+    """The whole file; `progress()` after every CHUNK read (a long load is not a hang), into one
+    buffer of the file's size (read it in place: io.BytesIO would copy a bytearray)."""
     if progress is None:
         return fs.cat_file(path)
     size = fs.size(path)

@@ -328,7 +328,8 @@ class Trainer:
                 dt = time.monotonic() - t0
                 self.progress.step = done = step + 1
                 warmup = step - first < WARMUP
-                watchdog.step_done(dt, timed=not warmup)
+                # a wait for a shard's copy is not the step's own time (it would raise the limit)
+                watchdog.step_done(max(dt - self.read_ahead.waited(), 0.0), timed=not warmup)
                 self.checkpointer.check_lease()  # a superseded writer stops before writing anything
                 self.metrics.step(self.record(step, loss, out, batch_hash, dt, warmup))
                 if done == max_steps:

@@ -163,8 +163,10 @@ class Watchdog:
 
 
 def beat() -> None:
-    """Progress inside a long phase (an evaluation batch, a poll for data, a prepared batch)."""
-    if _active is not None:
+    """Progress inside a long phase (an evaluation batch, a poll for data, a prepared batch). Only
+    the main thread's progress counts: a background thread's work (a read-ahead, a copy) must not
+    hide a main thread stuck elsewhere; whoever waits for that work in the main thread beats for it."""
+    if _active is not None and threading.current_thread() is threading.main_thread():
         _active.beat()
 
 

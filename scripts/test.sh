@@ -35,4 +35,4 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 .venv/bin/ruff check gpt2 tests launch benchmarks
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"

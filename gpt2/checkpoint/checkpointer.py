@@ -252,8 +252,15 @@ class Checkpointer:
                     raise
                 except Exception as err:
                     log.error("CHECKPOINT SAVE FAILED: %s; training goes on and the next save tries again", err)
-            distributed.barrier()  # the other ranks wait here, in this phase, not in the next step's collective
+        self._wait_for_all()
         self.stalled_s += time.monotonic() - t0
+
+    def _wait_for_all(self) -> None:
+        """The other ranks wait for rank 0's save here, not in the next step's collective: as long as
+        every rank lives, under the step-based limit (a frozen or cut-off rank 0 is found in about a
+        minute, not at the ceiling)."""
+        with phase("checkpoint save: waiting for every rank"):
+            distributed.wait_for_all()
 
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.
@@ -267,16 +274,16 @@ class Checkpointer:
             raise
         except Exception as err:  # this save supersedes the failed one
             log.error("CHECKPOINT SAVE FAILED: %s", err)
-        with phase("checkpoint save", ceiling=True):
-            try:
+        try:
+            with phase("checkpoint save", ceiling=True):
                 self.save(step, blocking=True)
-            except LeaseLost:
-                raise
-            except Exception as err:
-                raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
-            finally:
-                distributed.barrier()
-                self.stalled_s += time.monotonic() - t0
+        except LeaseLost:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"the {why} checkpoint could not be saved to {self.cfg.dir}: {err}") from err
+        finally:
+            self._wait_for_all()
+            self.stalled_s += time.monotonic() - t0
 
     def save(self, step: int, blocking: bool) -> None:
         """Save the parts as step `step` (rank 0 only). Non-blocking saves copy to host memory, then

@@ -216,6 +216,33 @@ def load_state(url: str, storage_options: dict[str, Any] | None = None, retries:
     return load_checkpoint(url, storage_options, retries)[1]
 
 
+class _InPlace(io.RawIOBase):
+    """A reader over bytes in memory that does not copy them (io.BytesIO copies a bytearray): a
+    checkpoint is held once while torch.load reads it."""
+
+    def __init__(self, data: bytes | bytearray):
+        self._view, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence] + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
                     retries: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
     """(marker, state): `url/state.pt` read and verified against `url/COMMITTED`; CheckpointError
@@ -238,7 +265,7 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
         raise CheckpointError(f"{url}/{name} does not match the sha256 in its marker (corrupt)")
     try:
-        return meta, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return meta, torch.load(_InPlace(data), map_location="cpu", weights_only=True)
     except (MemoryError, RuntimeError) as err:
         if not isinstance(err, MemoryError) and "can't allocate memory" not in str(err):
             raise _unloadable(url, name, err) from None

@@ -184,37 +184,72 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
     assert f"resumed from {ckpt_url}/step-" in third.stdout and sorted(steps(tmp_path)) == list(range(820))
 
 
-def test_a_frozen_s3_store_is_ridden_out_with_the_defaults(tmp_path, s3_server, s3_url):
-    """A hung store: the S3 server of the tests frozen with SIGSTOP for 40 s (connections stay open,
-    nothing answers) while the run saves to it every 50 steps, with the shipped defaults. The save
-    that meets the freeze waits (no call waits for good: s3fs's read timeout 15 s, then retries) within
-    the save's limit, so the watchdog does not call it a hang; the save completes after the thaw and
-    the run finishes with every step once."""
+def rank_pid(agent_pid: int, rank: int) -> int:
+    """The process of one rank of a torchrun agent."""
+    for pid in worker_pids(agent_pid):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {agent_pid}")
+
+
+def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_in_a_minute(
+        tmp_path, s3_server, s3_url):
+    """Two workers under torchrun, checkpoint.dir on the S3 server of the tests, shipped defaults.
+    1. A hung store: the server frozen with SIGSTOP for 75 s while the run saves to it every 50 steps.
+       Rank 0's save waits (no call waits for good: s3fs's read timeout 15 s, then retries) within
+       the save's limit; rank 1 waits for it longer than its step-based limit (60 s), which is progress
+       while rank 0 lives (its heartbeat in the process group's store): no hang is declared, the save
+       completes after the thaw and training goes on.
+    2. The store frozen again, and rank 0 frozen inside that save: rank 1 finds it at its step-based
+       limit (about a minute), not at the 600 s ceiling, and exits 201."""
     ckpt_url = f"{s3_url}/ckpt"
     extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
-             "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt_url, "train.stop_at_step": 1000}
-    run = popen_train(tmp_path, extra=extra, log_name="run.log")
-    frozen = False
+             "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt_url}
+    run = popen_train(tmp_path, nproc=2, extra=extra, log_name="run.log")
+    log = tmp_path / "run.log"
+    frozen: list[int] = []
+
+    def freeze(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        frozen.append(pid)
+
+    def thaw(pid: int) -> None:
+        os.kill(pid, signal.SIGCONT)
+        frozen.remove(pid)
+
     try:
-        wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", run, tmp_path / "run.log",
-                   timeout=300)
-        os.kill(s3_server.proc.pid, signal.SIGSTOP)
-        frozen, at_freeze = True, max(steps(tmp_path))
-        time.sleep(40)
-        assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", run, log, timeout=300)
+        freeze(s3_server.proc.pid)
+        at_freeze = max(steps(tmp_path))
+        time.sleep(75)
+        assert run.poll() is None, log.read_text()[-3000:]
         at_thaw = max(steps(tmp_path))
-        os.kill(s3_server.proc.pid, signal.SIGCONT)
-        frozen = False
-        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        thaw(s3_server.proc.pid)
+        wait_until(lambda: max(steps(tmp_path)) >= at_thaw + 60, "training after the thaw", run, log, timeout=300)
+        # the freeze landed in a save: training stood still at the next multiple of 50
+        assert at_thaw - at_freeze < 50 and (at_thaw + 1) % 50 == 0, (at_freeze, at_thaw)
+        text = log.read_text()
+        assert f"saved checkpoint {ckpt_url}/step-{at_thaw + 1:08d}" in text, text[-3000:]
+        assert "no progress" not in text, text[-3000:]
+
+        freeze(s3_server.proc.pid)
+        time.sleep(10)  # the next save (within 50 steps, about 2 s) waits on the store now
+        in_save = max(steps(tmp_path))
+        freeze(rank_pid(run.pid, 0))
+        t0 = time.monotonic()
+        thaw(s3_server.proc.pid)
+        took = wait_until(lambda: "no progress for" in log.read_text(), "rank 1 to find rank 0 frozen", run, log,
+                          timeout=300)
     finally:
-        if frozen:
-            os.kill(s3_server.proc.pid, signal.SIGCONT)
+        for pid in list(frozen):
+            thaw(pid)
         stop(run)
-    # the freeze landed in a save: training stood still at the next multiple of 50
-    assert at_thaw - at_freeze < 50 and (at_thaw + 1) % 50 == 0, (at_freeze, at_thaw)
-    text = (tmp_path / "run.log").read_text()
-    assert f"saved checkpoint {ckpt_url}/step-{at_thaw + 1:08d}" in text and "hung" not in text
-    assert sorted(steps(tmp_path)) == list(range(1000))
+    assert (in_save + 1) % 50 == 0, in_save
+    text = log.read_text()
+    hang = next(line for line in text.splitlines() if "no progress for" in line)
+    assert "phase 'checkpoint save: waiting for every rank'" in hang and "rank 1" in hang, hang
+    assert took < 120, (took, hang)  # the step-based limit (60 s), not the ceiling (600 s)
+    assert time.monotonic() - t0 < 400
 
 
 @pytest.fixture

@@ -58,14 +58,17 @@ def test_an_interrupted_copy_resumes_where_it_stopped(store, tmp_path):
     assert not target.with_name("shard.npy.partial").exists()
 
 
-def test_wrong_bytes_are_refused_and_never_resumed_from(store, tmp_path):
+def test_a_partial_copy_that_is_not_a_prefix_is_copied_again_and_wrong_bytes_are_refused(store, tmp_path):
     target = tmp_path / "shard.npy"
-    target.with_name("shard.npy.partial").write_bytes(b"x" * 1000)  # not a prefix of the file
+    target.with_name("shard.npy.partial").write_bytes(b"x" * 1000)  # a crash lost its tail, or the file changed
+    assert Fetch(store, "/bucket/shard.npy", target, len(DATA), "shard", check_sha).wait() == target
+    assert target.read_bytes() == DATA and store.served == 2 * len(DATA) - 1000  # the rest, then all again
+
+    store.pipe_file("/bucket/shard.npy", DATA[:-1] + b"\0")  # the store's file is bad
+    other = tmp_path / "other.npy"
     with pytest.raises(DataError, match="wrong bytes"):
-        Fetch(store, "/bucket/shard.npy", target, len(DATA), "shard", check_sha).wait()
-    assert not target.exists() and not target.with_name("shard.npy.partial").exists()
-    Fetch(store, "/bucket/shard.npy", target, len(DATA), "shard", check_sha).wait()  # starts over
-    assert target.read_bytes() == DATA
+        Fetch(store, "/bucket/shard.npy", other, len(DATA), "shard", check_sha).wait()
+    assert not other.exists() and not other.with_name("other.npy.partial").exists()  # never resumed from
 
 
 def test_the_processes_of_a_host_copy_a_file_once(store, tmp_path):

@@ -118,3 +118,26 @@ def test_a_restart_with_step_times_from_before_is_held_to_the_step_limit_from_it
     for _ in range(25):  # its own steps replace the ones from before
         restarted.step_done(0.1)
     assert restarted.limit_s == FLOOR_S
+
+
+def test_beats_from_a_background_thread_do_not_hide_a_stuck_main_thread():
+    import threading
+    import time
+
+    from gpt2.watchdog import Watchdog, beat
+
+    fired, stop = [], threading.Event()
+
+    def busy_background_work():  # a read-ahead or a copy that moves while the main thread is stuck
+        while not stop.is_set():
+            beat()
+            time.sleep(0.05)
+
+    worker = threading.Thread(target=busy_background_work, daemon=True)
+    with Watchdog(ceiling_s=1.0, exit=fired.append):
+        worker.start()
+        deadline = time.monotonic() + 8
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.1)  # the main thread: no progress
+    stop.set()
+    assert fired == [201]
