@@ -128,22 +128,21 @@ class ReadAhead:
         return rows
 
     def _result(self, future: Future) -> np.ndarray:
-        """Wait for the read-ahead; while it waits for a shard's copy, every chunk copied is progress."""
-        t0 = time.monotonic()
-        seen = self.loader.shards.copied()
+        """Wait for the read-ahead; while it copies or verifies a shard, what that moves is progress
+        (and not the step's own time)."""
+        seen, polled = self.loader.shards.reader_progress(), time.monotonic()
         while True:
             try:
-                rows = future.result(timeout=0.5)
-                break
+                return future.result(timeout=0.5)
             except FutureTimeout:
-                if (copied := self.loader.shards.copied()) != seen:
+                now, progress = time.monotonic(), self.loader.shards.reader_progress()
+                if progress is not None and progress != seen:
                     beat()
-                    seen = copied
-        self._waited += time.monotonic() - t0
-        return rows
+                    self._waited += now - polled
+                seen, polled = progress, now
 
     def waited(self) -> float:
-        """Seconds spent waiting for data since the last call (not the step's own time)."""
+        """Seconds spent waiting for shard copies or checks since the last call (not the step's own time)."""
         waited, self._waited = self._waited, 0.0
         return waited
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
@@ -15,9 +16,11 @@ import torch.distributed as dist
 from gpt2.config import ConfigError
 from gpt2.watchdog import beat
 
+log = logging.getLogger(__name__)
+
 HEARTBEAT_S = 2.0  # each rank bumps its counter in the process group's store this often
 STALE_S = 15.0  # a rank whose counter has not moved for this long is not alive (frozen, cut off, gone)
-POLL_S = 1.0
+POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,16 @@ class Liveness:
 
     @staticmethod
     def _bump(store: dist.Store, rank: int, stop: threading.Event) -> None:
+        failing = False
         while not stop.wait(HEARTBEAT_S):
             try:
                 store.add(f"gpt2/alive/{rank}", 1)
-            except Exception:  # the store is unreachable: this rank looks gone to the others, as it is to them
-                pass
+                failing = False
+            except Exception as err:  # this rank now looks gone to the others, as they are to it
+                if not failing:
+                    log.error(f"rank {rank} cannot reach the process group's store ({type(err).__name__}: {err}); "
+                                "the other ranks will count it as gone if this lasts")
+                failing = True
 
     def wait_for_all(self) -> None:
         """A barrier for a wait of unknown length: progress for the watchdog while every rank lives."""
@@ -175,17 +183,18 @@ class Liveness:
             barrier()
             return
         self._waits += 1
-        key, world = f"gpt2/wait/{self._waits}", dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        arrivals = [f"gpt2/wait/{self._waits}/{r}" for r in range(world)]
         alive_keys = [f"gpt2/alive/{r}" for r in range(world)]
-        arrived = False
+        arrived, said = False, False
         last: list[bytes] = []
         since: list[float] = []
         while True:
             try:
                 if not arrived:
-                    store.add(key, 1)
+                    store.set(arrivals[rank], "1")  # idempotent: a retried arrival counts once
                     arrived = True
-                if store.add(key, 0) >= world:
+                if store.check(arrivals):
                     break
                 counts, now = store.multi_get(alive_keys), time.monotonic()
             except Exception:  # the store is unreachable (its host is gone or cut off): no progress
@@ -196,8 +205,13 @@ class Liveness:
             for r, count in enumerate(counts):
                 if count != last[r]:
                     last[r], since[r] = count, now
-            if all(now - t < STALE_S for t in since):
+            stale = [r for r, t in enumerate(since) if now - t >= STALE_S]
+            if not stale:
                 beat()
+            elif not said:
+                log.error(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while the others wait for them "
+                          "(frozen, cut off or gone); the watchdog ends this wait at its limit")
+                said = True
             time.sleep(POLL_S)
         barrier()  # cheap now that every rank is here; keeps every backend's collective order
 

@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,14 @@ def npy_size(n_tokens: int) -> int:
     return buf.tell() + 2 * n_tokens
 
 
-def sha256_of(fs: Any, path: str | os.PathLike) -> str:
+def sha256_of(fs: Any, path: str | os.PathLike, progress: Callable[[], None] = beat) -> str:
     """The sha256 of a file (`fs`: an fsspec file system, None for a local path), read in chunks
-    (each one is progress for the watchdog)."""
+    (each one is `progress`, by default for the watchdog)."""
     digest = hashlib.sha256()
     with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
-            beat()
+            progress()
     return digest.hexdigest()
 
 
@@ -193,6 +194,8 @@ class ShardSet:
         self._arrays: dict[int, np.ndarray] = {}
         self._fetches: dict[int, Fetch] = {}
         self._fetch_lock = threading.Lock()
+        self._awaited: Fetch | None = None  # the copy the reader waits for now
+        self._hashed = 0  # chunks of local shards hashed by the reader so far
 
     @property
     def num_tokens(self) -> int:
@@ -248,25 +251,36 @@ class ShardSet:
         if self.local:
             return join(self.root, self.entries[i]["file"])
         if not self._cached(i):
-            self._fetch(i).wait()
+            self._awaited = self._fetch(i)
+            try:
+                self._awaited.wait()
+            finally:
+                self._awaited = None
         self._verified.add(i)  # verified on its way into the cache
         self._prefetch(i)
         return str(self._cache_path(i))
 
-    def copied(self) -> int:
-        """Bytes of remote shards copied so far: whoever waits for a copy sees progress in it."""
-        with self._fetch_lock:
-            return sum(f.progress for f in self._fetches.values())
+    def reader_progress(self) -> tuple[int, int, int] | None:
+        """What the reader's I/O has done (it changes as the reader moves), or None when it is not
+        copying or verifying a shard: whoever waits for the reader (in another thread) beats for it."""
+        awaited = self._awaited
+        if awaited is None and not self._hashed:
+            return None
+        return (self._hashed, id(awaited), awaited.progress if awaited is not None else 0)
+
+    def _hash_chunk(self) -> None:
+        self._hashed += 1
+        beat()
 
     def _prefetch(self, i: int) -> None:
         """Start copying the shard after `i` while `i` is read, so that a step rarely waits for one."""
         if not self.local and i + 1 < len(self.entries) and not self._cached(i + 1):
             self._fetch(i + 1)
 
-    def _check_hash(self, i: int, path: str | os.PathLike) -> None:
+    def _check_hash(self, i: int, path: str | os.PathLike, progress: Callable[[], None] = beat) -> None:
         """DataError naming the shard and how to re-prepare it when its bytes are not the manifest's."""
         entry = self.entries[i]
-        got = sha256_of(None, path)
+        got = sha256_of(None, path, progress)
         if got != entry["sha256"]:
             raise DataError(
                 f"shard {self.url}/{entry['file']} is corrupt: its sha256 is {got[:16]}..., the manifest says "
@@ -296,7 +310,7 @@ class ShardSet:
         arr = self._array(i)
         if i not in self._verified:
             if self.entries[i].get("sha256"):
-                self._check_hash(i, self._local_path(i))
+                self._check_hash(i, self._local_path(i), self._hash_chunk)
             self._verified.add(i)
         return arr
 
