@@ -1,4 +1,5 @@
-"""`python -m gpt2.chaos CONFIG [--seed S] [--faults N] [--kinds K,...] [--nproc P] [--dir DIR] [key=value ...]`
+"""`python -m gpt2.chaos CONFIG [--seed S] [--faults N] [--kinds K,...] [--nproc P] [--dir DIR] [--store CMD]
+[--store-fault-s S] [key=value ...]`
 
 A training job under faults drawn from a seed, checked against an uninterrupted run of the same
 config. The job runs under torchrun's elastic agent (`gpt2.launch.torchrun`, P workers, restarts
@@ -12,12 +13,19 @@ until the run trains again after the previous one):
     freeze    SIGSTOP of one worker for good (a hung GPU, a frozen node): its peer's watchdog ends
               the group with 201 after about a minute and torchrun restarts it
     second    a second submission of the same run while it trains: refused, nothing disturbed
+    skew      the same, from a newcomer whose clock is 10 minutes ahead (libfaketime): refused too,
+              since no decision compares two hosts' clocks
+    store-down    `CMD stop`, and `CMD start` --store-fault-s later (`--store CMD`; checkpoint.dir on
+              that store): saves and lease renewals fail and retry, training rides it out
+    store-freeze  `CMD freeze`, then `CMD thaw`: the store hangs (a stopped server, a hung mount); the
+              same outcome, with every call bounded by its timeout
 
 At the end it checks, and exits 1 naming every breach: every step of the current trajectory has
 the uninterrupted run's loss and batch checksum, and the final model is bitwise the same; no step
 twice, checkpoint generations never go back; every fault is in the ledger as what it was; no
 process of the run is left. It prints recovery time per fault (injection to the next step trained)
-and the goodput (`gpt2.goodput`).
+and the goodput (`gpt2.goodput`). A store fault is recovered from at the first checkpoint saved
+after the store is back; no attempt may end meanwhile.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -45,7 +54,14 @@ from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_records, read_attemp
 
 log = logging.getLogger("gpt2.chaos")  # also when run as __main__
 
-KINDS = ("kill", "preempt", "freeze", "second")
+KINDS = ("kill", "preempt", "freeze", "second", "skew", "store-down", "store-freeze")
+INTRUDERS = ("second", "skew")
+STORE_ACTIONS = {"store-down": ("stop", "start"), "store-freeze": ("freeze", "thaw")}
+# a newcomer's clock: ahead by far more than a lease's time to live, within the 15 minutes that
+# object stores allow signed requests (further off, S3 refuses the host: a StorageError at start)
+SKEW = "+10m"
+STORE_FAULT_S = 45  # longer than a lease's ttl/2 (30 s with the defaults), after which its holder may not write
+STORE_CMD_TIMEOUT_S = 120
 POLL_S = 0.2
 JOB_TIMEOUT_S = 3600
 
@@ -60,8 +76,12 @@ class Fault:
     at_step: int
     injected_at: float | None = None  # wall time (this host's), to find its records in the ledger
     injected_mono: float | None = None
-    recovery_s: float | None = None  # injection to the next step trained
+    recovery_s: float | None = None  # injection to the next step trained (a store fault: to the next save)
     note: str = ""
+    restore_mono: float | None = None  # a store fault: when the store comes back
+    log_offset: int = 0  # a store fault: the job's log from here on is read for its effects
+    recovered_at: float | None = None  # wall time (this host's)
+    quiet_s: float = 0.0  # a store fault: the longest time the job wrote no step record meanwhile
 
 
 def draw(seed: int, n: int, max_steps: int, kinds: list[str]) -> list[Fault]:
@@ -71,7 +91,7 @@ def draw(seed: int, n: int, max_steps: int, kinds: list[str]) -> list[Fault]:
     span = range(max(1, max_steps // 10), max(2, max_steps * 9 // 10))
     faults = [Fault(rng.choice(kinds), s) for s in sorted(rng.sample(span, min(n, len(span))))]
     for f in faults:
-        if f.kind == "second":
+        if f.kind in INTRUDERS:
             f.at_step = span.start + (f.at_step - span.start) // 2
     return sorted(faults, key=lambda f: f.at_step)
 
@@ -79,9 +99,11 @@ def draw(seed: int, n: int, max_steps: int, kinds: list[str]) -> list[Fault]:
 class Run:
     """One place of the chaos run (the reference or the job under faults): its dirs and records."""
 
-    def __init__(self, root: Path, config: str, overrides: list[str], nproc: int):
+    def __init__(self, root: Path, config: str, overrides: list[str], nproc: int, store: str | None = None):
+        """`store`: where its checkpoints go, under its own name (default: `root/ckpt`)."""
         self.root, self.config, self.nproc = root, config, nproc
-        self.ckpt, self.tb = root / "ckpt", root / "tb"
+        self.ckpt = f"{store.rstrip('/')}/{root.name}" if store else str(root / "ckpt")
+        self.tb = root / "tb"
         self.overrides = [*overrides, f"checkpoint.dir={self.ckpt}", f"logging.dir={self.tb}"]
 
     def torchrun(self, restarts: int) -> list[str]:
@@ -89,10 +111,10 @@ class Run:
                 f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m", "gpt2.train", self.config,
                 *self.overrides]
 
-    def start(self, argv: list[str], job: str, log_name: str) -> subprocess.Popen:
+    def start(self, argv: list[str], job: str, log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.root.mkdir(parents=True, exist_ok=True)
         out = open(self.root / log_name, "ab")
-        env = dict(os.environ, GPT2_JOB_ID=job, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env = dict(os.environ, **(env or {}), GPT2_JOB_ID=job, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def records(self) -> tuple[list[dict], list[dict]]:
@@ -107,7 +129,7 @@ class Run:
         return current_records(lines, attempts)
 
     def final_model(self) -> dict[str, torch.Tensor]:
-        newest = CheckpointStore(str(self.ckpt)).complete()[-1]
+        newest = CheckpointStore(self.ckpt).complete()[-1]
         return load_checkpoint(newest.url)[1]["model"]
 
 
@@ -122,35 +144,54 @@ def reference(run: Run) -> None:
 class Chaos:
     """The job under faults: submitted, faulted, submitted again after each retryable exit."""
 
-    def __init__(self, run: Run, faults: list[Fault], restarts: int):
+    def __init__(self, run: Run, faults: list[Fault], restarts: int, store_cmd: str | None = None,
+                 store_fault_s: float = STORE_FAULT_S):
         self.run, self.faults, self.restarts = run, faults, restarts
+        self.store_cmd, self.store_fault_s = store_cmd, store_fault_s
         self.job_id = f"chaos-{os.getpid()}"
         self.submissions = 0
         self.intruders: list[tuple[Fault, subprocess.Popen]] = []
+        self.job: subprocess.Popen | None = None  # the current submission
+        self._newest = (-1, time.monotonic())  # the newest step record seen, and when it appeared
 
     def submit(self) -> subprocess.Popen:
         self.submissions += 1
         return self.run.start(self.run.torchrun(self.restarts), self.job_id, "train.log")
 
     def go(self) -> None:
+        try:
+            self._go()
+        finally:  # whatever happened: never leave the store down or frozen, nor the job running
+            for fault in self.faults:
+                if fault.restore_mono is not None:
+                    self._restore(fault, force=True)
+            for proc in [self.job, *(p for _, p in self.intruders)]:
+                if proc is not None and proc.poll() is None:
+                    _kill_group(proc)
+
+    def _go(self) -> None:
         job, pending, waiting = self.submit(), list(self.faults), []
+        self.job = job
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline:
             code = job.poll()
             if code is not None and code != EXIT_OK and code not in RETRYABLE:
                 raise ChaosBreach(f"the job exited {code}, which no launcher restarts; see {self.run.root}/train.log")
             attempts, lines = self.run.records()
+            self._watch_quiet(waiting, lines)
+            for fault in waiting:
+                self._restore(fault)
             self._recovered(waiting, attempts, lines)
             if code == EXIT_OK:
                 return
             if code is not None:  # a requeue, as SLURM or the pod's restart policy does
-                job = self.submit()
+                job = self.job = self.submit()
             elif pending and not waiting and not self._intruding() and \
                     self._training(attempts, lines, job) >= pending[0].at_step:  # one fault at a time
                 fault = pending.pop(0)
                 fault.at_step = self._training(attempts, lines, job)  # where it really lands
                 self.inject(fault, job)
-                if fault.kind != "second":
+                if fault.kind not in INTRUDERS:
                     waiting.append(fault)
             time.sleep(POLL_S)
         raise ChaosBreach(f"the job did not finish within {JOB_TIMEOUT_S} s")
@@ -165,9 +206,47 @@ class Chaos:
             os.kill(random.Random(fault.at_step).choice(workers), signal.SIGSTOP)
         elif fault.kind == "preempt":
             os.kill(job.pid, signal.SIGTERM)
-        elif fault.kind == "second":  # the same run submitted again (another submission id), one process
+        elif fault.kind in INTRUDERS:  # the same run submitted again (another submission id), one process
             argv = [sys.executable, "-m", "gpt2.train", self.run.config, *self.run.overrides]
-            self.intruders.append((fault, self.run.start(argv, f"{self.job_id}-second", "second.log")))
+            env = skewed_clock(SKEW) if fault.kind == "skew" else None
+            self.intruders.append((fault, self.run.start(argv, f"{self.job_id}-{fault.kind}",
+                                                         f"{fault.kind}-{fault.at_step}.log", env)))
+        elif fault.kind in STORE_ACTIONS:
+            fault.log_offset = _size(self.run.root / "train.log")
+            self._store(STORE_ACTIONS[fault.kind][0])
+            fault.restore_mono = time.monotonic() + self.store_fault_s
+
+    def _watch_quiet(self, waiting: list[Fault], lines: list[dict]) -> None:
+        """How long the job wrote no step record while a store fault was on (a save or a lease
+        renewal waiting for the store, or records held back until the lease is renewed)."""
+        now = time.monotonic()
+        if len(lines) != self._newest[0]:
+            self._newest = (len(lines), now)
+        for fault in waiting:
+            if fault.kind in STORE_ACTIONS and fault.restore_mono is not None:
+                since = max(self._newest[1], fault.injected_mono or now)
+                fault.quiet_s = max(fault.quiet_s, now - since)
+
+    def _restore(self, fault: Fault, force: bool = False) -> None:
+        """Bring the store back once a store fault's time is up; note what the fault did to the job."""
+        if fault.restore_mono is None or (time.monotonic() < fault.restore_mono and not force):
+            return
+        fault.restore_mono = None
+        self._store(STORE_ACTIONS[fault.kind][1])
+        during = _read(str(self.run.root / "train.log"), fault.log_offset)
+        fault.note = (f"no step written for {fault.quiet_s:.0f} s, {during.count('; retrying in')} storage calls "
+                      "failed and were retried")
+        fault.log_offset = _size(self.run.root / "train.log")
+        log.info(f"chaos: the store is back after {fault.kind} ({fault.note})")
+
+    def _store(self, action: str) -> None:
+        argv = [*shlex.split(self.store_cmd or ""), action]
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=STORE_CMD_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise ChaosBreach(f"the store command `{shlex.join(argv)}` failed: {err}") from err
+        if r.returncode != 0:
+            raise ChaosBreach(f"the store command `{shlex.join(argv)}` exited {r.returncode}: {r.stderr[-500:]}")
 
     def _intruding(self) -> bool:
         """A second submission is still starting: the next fault waits for its outcome (a preemption
@@ -184,12 +263,44 @@ class Chaos:
         return max(mine)
 
     def _recovered(self, waiting: list[Fault], attempts: list[dict], lines: list[dict]) -> None:
-        """A fault is recovered from once a step record appears from an attempt that began after it."""
+        """A fault is recovered from once a step record appears from an attempt that began after it;
+        a store fault, once a checkpoint is saved after the store came back."""
         for fault in list(waiting):
-            later = {a["attempt"] for a in attempts if a.get("event") == "start" and a["time"] > fault.injected_at}
-            if any(r.get("attempt") in later for r in lines):
+            if fault.kind in STORE_ACTIONS:
+                done = fault.restore_mono is None and \
+                    "saved checkpoint " in _read(str(self.run.root / "train.log"), fault.log_offset)
+            else:
+                later = {a["attempt"] for a in attempts if a.get("event") == "start" and
+                         a["time"] > fault.injected_at}
+                done = any(r.get("attempt") in later for r in lines)
+            if done:
                 fault.recovery_s = time.monotonic() - fault.injected_mono  # type: ignore[operator]
+                fault.recovered_at = time.time()
                 waiting.remove(fault)
+
+
+def skewed_clock(offset: str) -> dict[str, str]:
+    """The environment that moves a process's clocks by `offset` (libfaketime, preloaded directly:
+    the `faketime` wrapper's semaphore clashes across pid namespaces)."""
+    lib = _libfaketime()
+    if lib is None:
+        raise ConfigError("the skew fault needs libfaketime (Debian: apt-get install faketime); "
+                          "or leave it out with --kinds")
+    return {"LD_PRELOAD": lib, "FAKETIME": offset}
+
+
+def _libfaketime() -> str | None:
+    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    return str(libs[0]) if libs else None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in its own session, with everything it started (stopped ones too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _children(pid: int, depth: int) -> list[int]:
@@ -200,16 +311,25 @@ def _children(pid: int, depth: int) -> list[int]:
     return level
 
 
-def _read(path: str) -> str:
+def _read(path: str, offset: int = 0) -> str:
     try:
-        return Path(path).read_text()
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
     except OSError:
         return ""
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def check(ref: Run, chaos: Chaos) -> list[str]:
     """Every breach of the invariants, as sentences."""
-    breaches: list[str] = []
+    breaches = _not_injected(chaos)
     want, got = ref.steps(), chaos.run.steps()
     if sorted(got) != sorted(want):
         missing = sorted(set(want) - set(got))[:5]
@@ -232,9 +352,14 @@ def check(ref: Run, chaos: Chaos) -> list[str]:
     return breaches
 
 
+def _not_injected(chaos: Chaos) -> list[str]:
+    skipped = [f"{f.kind} at step {f.at_step}" for f in chaos.faults if f.injected_at is None]
+    return [f"faults never injected (the run ended first): {skipped}"] if skipped else []
+
+
 def _lineage_breaches(run: Run) -> list[str]:
-    lineage = read_lineage(str(run.ckpt))
-    found = [c for c in CheckpointStore(str(run.ckpt)).complete() if lineage is None or lineage.owns(c.meta)]
+    lineage = read_lineage(run.ckpt)
+    found = [c for c in CheckpointStore(run.ckpt).complete() if lineage is None or lineage.owns(c.meta)]
     generations = [(c.step, (c.meta.get("writer") or {}).get("generation") or 0) for c in found]
     back = [(s, g) for (s, g), (_, h) in zip(generations[1:], generations) if g < h]
     return [f"checkpoint generations go back at steps {back}"] if back else []
@@ -261,14 +386,19 @@ def _ledger_breaches(chaos: Chaos) -> list[str]:
             after = [e for e in ends if e["time"] >= fault.injected_at]
             if not after or not expected[fault.kind](after[0]):
                 breaches.append(f"{fault.kind} at step {fault.at_step}: the ledger's next end is {after[:1]}")
+    for fault in chaos.faults:  # a store fault shorter than checkpoint.outage_s is ridden out
+        if fault.kind in STORE_ACTIONS:
+            ended = [e for e in ends if fault.injected_at <= e["time"] <= (fault.recovered_at or float("inf"))]
+            if ended:
+                breaches.append(f"{fault.kind} at step {fault.at_step}: an attempt ended meanwhile ({ended[0]})")
     for fault, code in intruders:
-        text = (chaos.run.root / "second.log").read_text()
+        text = (chaos.run.root / f"{fault.kind}-{fault.at_step}.log").read_text()
         refused = code == 1 and "lease" in text
         came_late = code == EXIT_OK and "training already complete" in text
         fault.note = "refused, run undisturbed" if refused else "came after the run ended" if came_late else \
             f"exited {code}"
         if not (refused or came_late):
-            breaches.append(f"the second submission at step {fault.at_step} exited {code}, not refused")
+            breaches.append(f"the {fault.kind} submission at step {fault.at_step} exited {code}, not refused")
     return breaches
 
 
@@ -278,15 +408,36 @@ def _pids() -> list[int]:
 
 def report(chaos: Chaos, breaches: list[str]) -> str:
     attempts, lines = chaos.run.records()
-    lines_out = [f"{'fault':8} {'at step':>7}  recovery"]
+    lines_out = [f"{'fault':12} {'at step':>7}  recovery"]
     for f in chaos.faults:
-        took = f.note if f.kind == "second" else f"{f.recovery_s:.1f} s" if f.recovery_s is not None else "not seen"
-        lines_out.append(f"{f.kind:8} {f.at_step:>7}  {took}")
+        took = f"{f.recovery_s:.1f} s" if f.recovery_s is not None else "not seen"
+        took = f.note if f.kind in INTRUDERS else f"{took} ({f.note})" if f.note else took
+        lines_out.append(f"{f.kind:12} {f.at_step:>7}  {took}")
     lines_out += goodput(attempts, lines).describe()
     lines_out.append(f"{len(chaos.faults)} faults, {chaos.submissions} submissions: "
                      + ("every invariant holds" if not breaches else f"{len(breaches)} BREACHES"))
     lines_out += [f"BREACH: {b}" for b in breaches]
     return "\n".join(lines_out)
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise ChaosBreach(f"the chaos run was stopped ({signal.Signals(signum).name}); its job was killed")
+
+
+def _kinds(args: argparse.Namespace) -> list[str]:
+    """The fault kinds to draw from, checked."""
+    usable = [k for k in KINDS if args.store or k not in STORE_ACTIONS]
+    if args.kinds is None and not _libfaketime():
+        log.warning("chaos: no skew faults: libfaketime is not installed (Debian: apt-get install faketime)")
+        usable.remove("skew")
+    kinds = args.kinds.split(",") if args.kinds is not None else usable
+    if not kinds or set(kinds) - set(KINDS) or args.faults < 0 or args.nproc < 1:
+        raise ConfigError(f"--kinds must be a comma-separated subset of {','.join(KINDS)} (got {args.kinds!r}), "
+                          f"--faults 0 or more, --nproc 1 or more")
+    if set(kinds) - set(usable):
+        raise ConfigError(f"the faults {sorted(set(kinds) - set(usable))} need --store CMD (a command that stops, "
+                          "starts, freezes and thaws the store checkpoint.dir is on)")
+    return kinds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,21 +446,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", type=int, default=4)
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"a comma-separated subset of {','.join(KINDS)}")
+    p.add_argument("--kinds", default=None, help=f"a comma-separated subset of {','.join(KINDS)} (default: all; "
+                   "the store's only with --store)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--dir", default=None, help="where both runs write (default runs/chaos-SEED)")
+    p.add_argument("--store", default=None, metavar="CMD",
+                   help="a command that takes stop, start, freeze or thaw and does it to the store that "
+                        "checkpoint.dir (given as an override) is on")
+    p.add_argument("--store-fault-s", type=float, default=STORE_FAULT_S, help="how long a store fault lasts")
     args = p.parse_intermixed_args(argv)
     logs.setup()
+    signal.signal(signal.SIGTERM, _stopped)  # so that the job and the store are cleaned up
     try:
-        kinds = args.kinds.split(",")
-        if not kinds or set(kinds) - set(KINDS) or args.faults < 0 or args.nproc < 1:
-            raise ConfigError(f"--kinds must be a comma-separated subset of {','.join(KINDS)} (got {args.kinds!r}), "
-                              f"--faults 0 or more, --nproc 1 or more")
+        kinds = _kinds(args)
         cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any run
+        if args.store and not 0 < args.store_fault_s < cfg.checkpoint.outage_s:
+            limit = cfg.checkpoint.outage_s
+            raise ConfigError(f"--store-fault-s must be above 0 and below checkpoint.outage_s ({limit} s; a longer "
+                              f"outage ends the attempt), got {args.store_fault_s}")
+        if "skew" in kinds:
+            skewed_clock(SKEW)  # libfaketime is there, or say so now
         root = Path(args.dir or f"runs/chaos-{args.seed}").resolve()
-        ref = Run(root / "reference", args.config, args.overrides, args.nproc)
-        chaos = Chaos(Run(root / "chaos", args.config, args.overrides, args.nproc),
-                      draw(args.seed, args.faults, cfg.train.max_steps, kinds), restarts=args.faults + 3)
+        store = cfg.checkpoint.dir if any(o.startswith("checkpoint.dir=") for o in args.overrides) else None
+        ref = Run(root / "reference", args.config, args.overrides, args.nproc, store)
+        chaos = Chaos(Run(root / "chaos", args.config, args.overrides, args.nproc, store),
+                      draw(args.seed, args.faults, cfg.train.max_steps, kinds), restarts=args.faults + 3,
+                      store_cmd=args.store, store_fault_s=args.store_fault_s)
         log.info(f"chaos: seed {args.seed}, faults {[(f.kind, f.at_step) for f in chaos.faults]}, in {root}")
         log.info("chaos: the uninterrupted reference run")
         reference(ref)

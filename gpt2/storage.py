@@ -65,13 +65,17 @@ def join(path: str, *parts: str) -> str:
 def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5) -> T:
     """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end.
 
-    FileNotFoundError and PermissionError are not transient: they are raised at once. Neither is a
-    full disk, a quota or a read-only file system: StorageFull at once, saying so.
+    FileNotFoundError is not transient: it is raised at once. Neither is a refusal (StorageError at
+    once, naming what to check), a full disk, a quota or a read-only file system (StorageFull).
     """
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MemoryError):
+        except PermissionError as err:
+            raise StorageError(f"{what} was refused ({err}): check the permissions or credentials for that place; "
+                               "an object store also refuses a host whose clock is more than about 15 minutes off "
+                               "(signed requests carry the time)") from err
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, MemoryError):
             raise
         except Exception as err:  # network errors come in many types across back-ends
             if isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS:

@@ -1,46 +1,60 @@
 """The chaos run: a job under torchrun (2 workers) with faults drawn from a seed, every invariant
-checked against an uninterrupted run, with the shipped defaults (watchdog, lease, restarts)."""
+checked against an uninterrupted run, with the shipped defaults (watchdog, lease, restarts, outage
+limit). checkpoint.dir is on the S3 server of the tests, which the store faults stop and freeze
+(through tests/helpers/store_ctl.py: the server belongs to this process)."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 
-from conftest import run_cli, tiny_overrides
+import pytest
+from conftest import REPO, run_cli, tiny_overrides
+from helpers.store_ctl import StoreController
 
-from gpt2.chaos import Chaos, Fault, Run, check
+from gpt2.chaos import STORE_FAULT_S, Chaos, Fault, Run, check
 
 TINY = {"train.max_steps": 1500, "train.log_every": 50, "checkpoint.every": 25, "eval.val_every": 100}
 
 
-def chaos(tmp_path, *args: str) -> tuple[object, dict]:
-    overrides = [o for o in tiny_overrides(tmp_path, **TINY) if not o.startswith(("checkpoint.dir", "logging.dir"))]
-    r = run_cli(["-m", "gpt2.chaos", "configs/demo.yaml", *args, "--dir", str(tmp_path / "chaos"), *overrides],
-                env={"TMPDIR": str(tmp_path)}, timeout=900)
-    return r, json.loads((tmp_path / "chaos" / "chaos.json").read_text())
-
-
-def test_faults_of_every_kind_one_after_another_and_every_invariant_holds(tmp_path):
-    """Seed 22 draws a second submission (refused), a preemption (saved, submitted again) and a
-    killed worker (torchrun restarts the group). A frozen worker costs about 100 s (the watchdog's
-    minute, then torchrun's teardown): it is in docs/reliability.md's longer schedule, and alone in
-    test_reliability.py."""
-    r, record = chaos(tmp_path, "--seed", "22", "--faults", "3", "--kinds", "kill,preempt,second")
+@pytest.mark.s3
+def test_faults_of_every_kind_one_after_another_and_every_invariant_holds(tmp_path, s3_server, s3_url):
+    """Seed 1966 draws a second submission, the store frozen and then down (45 s each, longer than
+    the lease's ttl/2), a second submission from a clock 10 minutes ahead (both refused), a preemption
+    (saved, submitted again) and a killed worker (torchrun restarts the group). A frozen worker costs
+    about 100 s (the watchdog's minute, then torchrun's teardown): it is in docs/reliability.md's
+    longer schedule, and alone in test_reliability.py."""
+    overrides = tiny_overrides(tmp_path, **TINY, **{"checkpoint.dir": s3_url})
+    overrides = [o for o in overrides if not o.startswith("logging.dir")]
+    store = f"{sys.executable} {REPO}/tests/helpers/store_ctl.py {tmp_path / 'store-ctl'}"
+    with StoreController(s3_server, tmp_path / "store-ctl") as controller:
+        r = run_cli(["-m", "gpt2.chaos", "configs/demo.yaml", "--seed", "1966", "--faults", "6", "--store", store,
+                     "--kinds", "kill,preempt,second,skew,store-down,store-freeze",
+                     "--dir", str(tmp_path / "chaos"), *overrides], env={"TMPDIR": str(tmp_path)}, timeout=1200)
+    record = json.loads((tmp_path / "chaos" / "chaos.json").read_text())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [f["kind"] for f in record["faults"]] == ["second", "preempt", "kill"]
+    faults = {f["kind"]: f for f in record["faults"]}
+    assert [f["kind"] for f in record["faults"]] == ["second", "store-freeze", "store-down", "skew", "preempt", "kill"]
     assert all(f["injected_at"] for f in record["faults"]) and record["breaches"] == []
-    assert "refused, run undisturbed" in r.stdout and "every invariant holds" in r.stdout
-    assert all(f["recovery_s"] for f in record["faults"] if f["kind"] != "second")
+    assert r.stdout.count("refused, run undisturbed") == 2 and "every invariant holds" in r.stdout
+    assert all(f["recovery_s"] for f in record["faults"] if f["kind"] not in ("second", "skew"))
     assert "goodput" in r.stdout
+    # the store faults lasted their time and reached the trainer: a save or a lease renewal waited for
+    # the store (no step record for most of the fault); while it was down, calls failed and were retried
+    assert [a for a, _ in controller.done] == ["freeze", "thaw", "stop", "start"], controller.done
+    (_, frozen), (_, thawed), (_, stopped), (_, started) = controller.done
+    assert thawed - frozen >= STORE_FAULT_S and started - stopped >= STORE_FAULT_S
+    assert faults["store-freeze"]["quiet_s"] > 30 and faults["store-down"]["quiet_s"] > 30, faults
+    assert int(re.search(r"(\d+) storage calls failed", faults["store-down"]["note"]).group(1)) > 0, faults
 
     # the checks can fail: one loss changed in the run's records is a breach
     root = tmp_path / "chaos"
-    overrides = tiny_overrides(tmp_path, **TINY)
-    ref, run = Run(root / "reference", "configs/demo.yaml", overrides, 2), Run(root / "chaos", "configs/demo.yaml",
-                                                                                overrides, 2)
+    ref, run = (Run(root / name, "configs/demo.yaml", overrides, 2, s3_url) for name in ("reference", "chaos"))
     lines = (run.tb / "steps.jsonl").read_text().splitlines()
     doctored = json.loads(lines[-1])
     doctored["loss"] += 1e-6
     (run.tb / "steps.jsonl").write_text("\n".join([*lines[:-1], json.dumps(doctored)]) + "\n")
-    c = Chaos(run, [Fault(**f) for f in record["faults"] if f["kind"] != "second"], restarts=0)
+    c = Chaos(run, [Fault(**f) for f in record["faults"] if f["kind"] in ("preempt", "kill")], restarts=0)
     c.job_id = json.loads((run.tb / "attempts.jsonl").read_text().splitlines()[0])["job_id"].removeprefix("job:")
     assert any(b.startswith(f"step {doctored['step']}: loss") for b in check(ref, c))

@@ -24,7 +24,7 @@ from helpers.runs import raw_steps, steps, train, worker_pids
 
 from gpt2.launch.common import TRAINER_ENV
 
-EXTRA = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 3000, "checkpoint.every": 50,
+EXTRA = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 1200, "checkpoint.every": 50,
          "eval.val_every": 0, "train.log_every": 50}
 PORT = 29471
 

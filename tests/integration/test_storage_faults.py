@@ -184,6 +184,20 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
     assert f"resumed from {ckpt_url}/step-" in third.stdout and sorted(steps(tmp_path)) == list(range(820))
 
 
+@pytest.mark.s3
+def test_a_host_whose_clock_is_a_day_off_is_refused_by_s3_with_one_message(tmp_path, s3_url):
+    """Signed S3 requests carry the time; SeaweedFS, as AWS, refuses a client a day off (libfaketime).
+    The start says what was refused and what to check, in one line, and exits 1 (a requeue would
+    not help)."""
+    from gpt2.chaos import skewed_clock
+
+    r = train(tmp_path, extra={"checkpoint.dir": f"{s3_url}/ckpt", "train.max_steps": 2}, env=skewed_clock("+1d"))
+    assert r.returncode == EXIT_ERROR, (r.stdout + r.stderr)[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was refused" in errors[0] and "15 minutes off" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
 def rank_pid(agent_pid: int, rank: int) -> int:
     """The process of one rank of a torchrun agent."""
     for pid in worker_pids(agent_pid):

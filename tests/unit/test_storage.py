@@ -40,6 +40,19 @@ def test_missing_files_are_not_retried():
     assert len(calls) == 1
 
 
+def test_a_refusal_is_not_retried_and_names_what_to_check():
+    calls = []
+
+    def forbidden():
+        calls.append(1)
+        raise PermissionError("Forbidden")  # what s3fs raises for a 403, a skewed clock's too
+
+    with pytest.raises(StorageError, match=r"reading s3://b/k was refused \(Forbidden\): check the permissions or "
+                                           r"credentials .* clock is more than about 15 minutes off"):
+        with_retries(forbidden, "reading s3://b/k", retries=5, base_delay=0.001)
+    assert len(calls) == 1
+
+
 def test_local_writes_leave_no_temporary_files(tmp_path):
     fs, root = filesystem(str(tmp_path))
     write_bytes(fs, f"{root}/sub/file.bin", b"abc")
