@@ -51,6 +51,7 @@ from gpt2.config import load_config
 from gpt2.errors import EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, RETRYABLE, ConfigError, Gpt2Error, exit_code
 from gpt2.goodput import goodput
 from gpt2.metrics import ATTEMPTS_FILE, STEPS_FILE, current_records, read_attempts, read_step_lines
+from gpt2.storage import filesystem, with_retries
 
 log = logging.getLogger("gpt2.chaos")  # also when run as __main__
 
@@ -62,6 +63,8 @@ STORE_ACTIONS = {"store-down": ("stop", "start"), "store-freeze": ("freeze", "th
 SKEW = "+10m"
 STORE_FAULT_S = 45  # longer than a lease's ttl/2 (30 s with the defaults), after which its holder may not write
 STORE_CMD_TIMEOUT_S = 120
+# what a start refused by the run's lease says (gpt2.checkpoint.lease.LeaseHeld)
+REFUSALS = ("another trainer holds this run", "still holds the lease of", "this start gives way and writes nothing")
 POLL_S = 0.2
 JOB_TIMEOUT_S = 3600
 
@@ -82,6 +85,7 @@ class Fault:
     log_offset: int = 0  # a store fault: the job's log from here on is read for its effects
     recovered_at: float | None = None  # wall time (this host's)
     quiet_s: float = 0.0  # a store fault: the longest time the job wrote no step record meanwhile
+    retried: int = 0  # a store fault: the job's storage calls that failed and were retried meanwhile
 
 
 def draw(seed: int, n: int, max_steps: int, kinds: list[str]) -> list[Fault]:
@@ -136,9 +140,14 @@ class Run:
 def reference(run: Run) -> None:
     """The uninterrupted run."""
     proc = run.start(run.torchrun(restarts=0), "chaos-reference", "train.log")
-    if proc.wait(timeout=JOB_TIMEOUT_S) != EXIT_OK:
-        raise ChaosBreach(f"the uninterrupted reference run failed (exit {proc.returncode}); see "
-                          f"{run.root / 'train.log'}")
+    try:
+        code = proc.wait(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:  # stopped, timed out or done: nothing of it runs on
+        _kill_run(run.root)
+    if code != EXIT_OK:
+        raise ChaosBreach(f"the uninterrupted reference run failed (exit {code}); see {run.root / 'train.log'}")
 
 
 class Chaos:
@@ -161,13 +170,16 @@ class Chaos:
     def go(self) -> None:
         try:
             self._go()
-        finally:  # whatever happened: never leave the store down or frozen, nor the job running
+        except BaseException:  # stopped or failed: nothing of the job runs on (a clean end is checked instead)
+            _kill_run(self.run.root)
+            raise
+        finally:  # and the store is back, whatever happened
             for fault in self.faults:
                 if fault.restore_mono is not None:
-                    self._restore(fault, force=True)
-            for proc in [self.job, *(p for _, p in self.intruders)]:
-                if proc is not None and proc.poll() is None:
-                    _kill_group(proc)
+                    try:
+                        self._restore(fault, force=True)
+                    except ChaosBreach as err:
+                        log.error(f"chaos: could not bring the store back after {fault.kind}: {err}")
 
     def _go(self) -> None:
         job, pending, waiting = self.submit(), list(self.faults), []
@@ -209,12 +221,16 @@ class Chaos:
         elif fault.kind in INTRUDERS:  # the same run submitted again (another submission id), one process
             argv = [sys.executable, "-m", "gpt2.train", self.run.config, *self.run.overrides]
             env = skewed_clock(SKEW) if fault.kind == "skew" else None
-            self.intruders.append((fault, self.run.start(argv, f"{self.job_id}-{fault.kind}",
+            self.intruders.append((fault, self.run.start(argv, self.intruder_id(fault),
                                                          f"{fault.kind}-{fault.at_step}.log", env)))
         elif fault.kind in STORE_ACTIONS:
             fault.log_offset = _size(self.run.root / "train.log")
+            fault.restore_mono = float("inf")  # off from here on, even if the command fails halfway
             self._store(STORE_ACTIONS[fault.kind][0])
             fault.restore_mono = time.monotonic() + self.store_fault_s
+
+    def intruder_id(self, fault: Fault) -> str:
+        return f"{self.job_id}-{fault.kind}-{fault.at_step}"
 
     def _watch_quiet(self, waiting: list[Fault], lines: list[dict]) -> None:
         """How long the job wrote no step record while a store fault was on (a save or a lease
@@ -231,12 +247,12 @@ class Chaos:
         """Bring the store back once a store fault's time is up; note what the fault did to the job."""
         if fault.restore_mono is None or (time.monotonic() < fault.restore_mono and not force):
             return
-        fault.restore_mono = None
-        self._store(STORE_ACTIONS[fault.kind][1])
         during = _read(str(self.run.root / "train.log"), fault.log_offset)
-        fault.note = (f"no step written for {fault.quiet_s:.0f} s, {during.count('; retrying in')} storage calls "
-                      "failed and were retried")
-        fault.log_offset = _size(self.run.root / "train.log")
+        fault.retried = during.count("; retrying in")
+        fault.note = f"no step written for {fault.quiet_s:.0f} s, {fault.retried} storage calls failed and were retried"
+        fault.log_offset = _size(self.run.root / "train.log")  # a save held by the fault may log as it comes back
+        self._store(STORE_ACTIONS[fault.kind][1])
+        fault.restore_mono = None  # only once it is back
         log.info(f"chaos: the store is back after {fault.kind} ({fault.note})")
 
     def _store(self, action: str) -> None:
@@ -294,13 +310,15 @@ def _libfaketime() -> str | None:
     return str(libs[0]) if libs else None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a process started in its own session, with everything it started (stopped ones too)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def _kill_run(root: Path) -> None:
+    """SIGKILL every process of a run (stopped ones too): those whose command line names its
+    directory (torchrun starts each worker in a session of its own, so no process group has them all)."""
+    for pid in _pids():
+        if str(root) in _read(f"/proc/{pid}/cmdline").replace("\0", " "):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _children(pid: int, depth: int) -> list[int]:
@@ -349,6 +367,7 @@ def check(ref: Run, chaos: Chaos) -> list[str]:
     left = [p for p in _pids() if str(chaos.run.root) in _read(f"/proc/{p}/cmdline").replace("\0", " ")]
     if left:
         breaches.append(f"processes of the run are left running: {left}")
+        _kill_run(chaos.run.root)
     return breaches
 
 
@@ -382,23 +401,48 @@ def _ledger_breaches(chaos: Chaos) -> list[str]:
                 "preempt": lambda e: e.get("exit_code") == EXIT_PREEMPTED,
                 "freeze": lambda e: e.get("exit_code") == EXIT_HUNG or e.get("inferred")}
     for fault in chaos.faults:
-        if fault.kind in expected:
+        if fault.kind in expected and fault.injected_at is not None:
             after = [e for e in ends if e["time"] >= fault.injected_at]
             if not after or not expected[fault.kind](after[0]):
                 breaches.append(f"{fault.kind} at step {fault.at_step}: the ledger's next end is {after[:1]}")
-    for fault in chaos.faults:  # a store fault shorter than checkpoint.outage_s is ridden out
-        if fault.kind in STORE_ACTIONS:
-            ended = [e for e in ends if fault.injected_at <= e["time"] <= (fault.recovered_at or float("inf"))]
-            if ended:
-                breaches.append(f"{fault.kind} at step {fault.at_step}: an attempt ended meanwhile ({ended[0]})")
+    return breaches + _store_breaches(chaos, ends) + _intruder_breaches(chaos, intruders, starts)
+
+
+def _store_breaches(chaos: Chaos, ends: list[dict]) -> list[str]:
+    """A store fault (shorter than checkpoint.outage_s) reaches the job and is ridden out."""
+    breaches = []
+    for fault in chaos.faults:
+        if fault.kind not in STORE_ACTIONS or fault.injected_at is None:
+            continue
+        where = f"{fault.kind} at step {fault.at_step}"
+        if fault.recovered_at is None:
+            breaches.append(f"{where}: never recovered from (no checkpoint saved after the store came back)")
+            continue
+        ended = [e for e in ends if fault.injected_at <= e["time"] <= fault.recovered_at]
+        if ended:
+            breaches.append(f"{where}: an attempt ended meanwhile ({ended[0]})")
+        if fault.retried == 0 and fault.quiet_s < chaos.store_fault_s / 2:
+            breaches.append(f"{where}: the job did not notice (no storage call failed, step records went on); is "
+                            "checkpoint.dir on the store that --store acts on?")
+    return breaches
+
+
+def _intruder_breaches(chaos: Chaos, intruders: list[tuple[Fault, int]], starts: list[dict]) -> list[str]:
+    """A second submission is refused by the lease, or comes after the job ended (training complete)."""
+    breaches = []
     for fault, code in intruders:
         text = (chaos.run.root / f"{fault.kind}-{fault.at_step}.log").read_text()
-        refused = code == 1 and "lease" in text
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        refused = code == 1 and any(r in e for e in errors for r in REFUSALS)
         came_late = code == EXIT_OK and "training already complete" in text
         fault.note = "refused, run undisturbed" if refused else "came after the run ended" if came_late else \
             f"exited {code}"
         if not (refused or came_late):
-            breaches.append(f"the {fault.kind} submission at step {fault.at_step} exited {code}, not refused")
+            breaches.append(f"the {fault.kind} submission at step {fault.at_step} exited {code}, not refused by the "
+                            f"lease ({errors[-1] if errors else 'no error line'})")
+        # by its records, whatever its clock says
+        if not came_late and any(a.get("job_id") == f"job:{chaos.intruder_id(fault)}" for a in starts):
+            breaches.append(f"the {fault.kind} submission at step {fault.at_step} has an attempt in the ledger")
     return breaches
 
 
@@ -418,6 +462,16 @@ def report(chaos: Chaos, breaches: list[str]) -> str:
                      + ("every invariant holds" if not breaches else f"{len(breaches)} BREACHES"))
     lines_out += [f"BREACH: {b}" for b in breaches]
     return "\n".join(lines_out)
+
+
+def _ensure_fresh(root: Path, checkpoints: list[str], storage_options: dict) -> None:
+    """Both runs start from nothing: an earlier chaos run's records or checkpoints would be resumed."""
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} holds an earlier chaos run: remove it or choose another --dir")
+    for url in checkpoints:
+        fs, path = filesystem(url, storage_options)
+        if with_retries(lambda fs=fs, path=path: fs.exists(path), f"looking for {url}"):
+            raise ConfigError(f"{url} holds an earlier run's checkpoints: remove it or choose another checkpoint.dir")
 
 
 def _stopped(signum: int, frame: object) -> None:
@@ -468,10 +522,14 @@ def main(argv: list[str] | None = None) -> int:
             skewed_clock(SKEW)  # libfaketime is there, or say so now
         root = Path(args.dir or f"runs/chaos-{args.seed}").resolve()
         store = cfg.checkpoint.dir if any(o.startswith("checkpoint.dir=") for o in args.overrides) else None
+        if args.store and store is None:
+            raise ConfigError("--store acts on the store that checkpoint.dir is on: give checkpoint.dir=URL (a "
+                              "place on that store) as an override")
         ref = Run(root / "reference", args.config, args.overrides, args.nproc, store)
         chaos = Chaos(Run(root / "chaos", args.config, args.overrides, args.nproc, store),
                       draw(args.seed, args.faults, cfg.train.max_steps, kinds), restarts=args.faults + 3,
                       store_cmd=args.store, store_fault_s=args.store_fault_s)
+        _ensure_fresh(root, [ref.ckpt, chaos.run.ckpt], cfg.checkpoint.storage_options)
         log.info(f"chaos: seed {args.seed}, faults {[(f.kind, f.at_step) for f in chaos.faults]}, in {root}")
         log.info("chaos: the uninterrupted reference run")
         reference(ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -103,6 +104,45 @@ def abort() -> None:
     _liveness.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_stopped_local_peers() -> list[int]:
+    """SIGKILL this node's other workers of the same torchrun group that are stopped (SIGSTOP, a
+    frozen cgroup); returns their pids. Called when this rank exits for a hang: torchrun's teardown
+    sends SIGTERM and waits 30 s before SIGKILL, and a stopped process never answers SIGTERM."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return []
+    ended = []
+    for pid in _children(os.getppid()):
+        if pid == os.getpid() or _state(pid) != "T":
+            continue
+        if f"TORCHELASTIC_RUN_ID={run_id}".encode() not in _read_bytes(f"/proc/{pid}/environ").split(b"\0"):
+            continue  # not a worker of this group
+        try:
+            os.kill(pid, signal.SIGKILL)
+            ended.append(pid)
+        except ProcessLookupError:
+            pass
+    return ended
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in _read_bytes(f"/proc/{pid}/task/{pid}/children").split()]
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, D, T for stopped, ...) from /proc, or "" when it is gone."""
+    stat = _read_bytes(f"/proc/{pid}/stat")
+    return stat.rsplit(b")", 1)[-1].split()[0].decode() if stat else ""
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -483,7 +483,11 @@ def run(cfg: Config) -> int:
     dist = None
     code, reason = EXIT_ERROR, "failed"
 
-    def hung(phase_name: str) -> None:  # the watchdog's last act before it exits the process
+    def hung(phase_name: str) -> None:  # the watchdog's last acts before it exits the process
+        stopped = distributed.end_stopped_local_peers()  # /proc only: nothing that can hang
+        if stopped:
+            log.error(f"killed this node's stopped worker(s) {stopped}: torchrun would wait 30 s for them to "
+                      "answer its SIGTERM, which a stopped process never does")
         if trainer is not None:
             trainer.record_end(EXIT_HUNG, f"hung in phase '{phase_name}'")
 

@@ -84,6 +84,7 @@ def main() -> int:
     deadline = time.monotonic() + WAIT_S
     while not done.exists():
         if time.monotonic() > deadline:
+            req.unlink(missing_ok=True)  # not later either
             print(f"the store controller did not {action} the store within {WAIT_S} s", file=sys.stderr)
             return 1
         time.sleep(0.1)

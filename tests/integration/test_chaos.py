@@ -32,8 +32,8 @@ def test_faults_of_every_kind_one_after_another_and_every_invariant_holds(tmp_pa
         r = run_cli(["-m", "gpt2.chaos", "configs/demo.yaml", "--seed", "1966", "--faults", "6", "--store", store,
                      "--kinds", "kill,preempt,second,skew,store-down,store-freeze",
                      "--dir", str(tmp_path / "chaos"), *overrides], env={"TMPDIR": str(tmp_path)}, timeout=1200)
-    record = json.loads((tmp_path / "chaos" / "chaos.json").read_text())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "chaos" / "chaos.json").read_text())
     faults = {f["kind"]: f for f in record["faults"]}
     assert [f["kind"] for f in record["faults"]] == ["second", "store-freeze", "store-down", "skew", "preempt", "kill"]
     assert all(f["injected_at"] for f in record["faults"]) and record["breaches"] == []

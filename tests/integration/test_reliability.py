@@ -59,6 +59,8 @@ def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_jo
     detected = [float(s) for s in re.findall(r"no progress for (\d+) s in phase 'training step'", text)]
     assert len(detected) == 2 and all(FLOOR_S <= d < FLOOR_S + 10 for d in detected), text[-4000:]  # not 600 s
     assert "resumed from" in text and sorted(steps(tmp_path)) == list(range(24))
+    # the rank that found the hang killed its stopped peer: torchrun's teardown did not wait 30 s for it
+    assert text.count("killed this node's stopped worker(s)") == 2, text[-4000:]
     assert took < 360, took
     attempts = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
     reasons = [a.get("reason", "") for a in attempts if a["event"] == "end"]
