@@ -483,15 +483,17 @@ def run(cfg: Config) -> int:
     dist = None
     code, reason = EXIT_ERROR, "failed"
 
-    def hung(phase_name: str) -> None:  # the watchdog's last acts before it exits the process
-        stopped = distributed.end_stopped_local_peers()  # /proc only: nothing that can hang
-        if stopped:
-            log.error(f"killed this node's stopped worker(s) {stopped}: torchrun would wait 30 s for them to "
-                      "answer its SIGTERM, which a stopped process never does")
+    def hung(phase_name: str) -> None:  # the watchdog's record before it exits the process
         if trainer is not None:
             trainer.record_end(EXIT_HUNG, f"hung in phase '{phase_name}'")
 
-    watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, where=lambda: (
+    def end_stopped_peers() -> None:  # its last act (/proc only: nothing that can hang)
+        stopped = distributed.end_stopped_local_peers()
+        if stopped:
+            log.error(f"killed this node's stopped worker(s) {stopped}: torchrun would wait 30 s for them to "
+                      "answer its SIGTERM, which a stopped process never does")
+
+    watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, before_exit=end_stopped_peers, where=lambda: (
         f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else '?'}"))
     with watchdog:  # everything, the clean-up after the loop too, is watched
         try:
@@ -503,9 +505,11 @@ def run(cfg: Config) -> int:
             code = trainer.fit()
             reason = trainer.stop_reason
         except Gpt2Error as err:
+            watchdog.yield_to_hang_exit()
             log.error("%s", err)
             code, reason = exit_code(err), f"{type(err).__name__}: {err}"
         except Exception as err:
+            watchdog.yield_to_hang_exit()  # e.g. the collective of a peer the watchdog just killed
             reason = f"crashed: {type(err).__name__}: {err}"
             if dist is not None and dist.world_size > 1:
                 # A peer may have died (torchrun then restarts the whole group from the last checkpoint):

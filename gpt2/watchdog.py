@@ -18,8 +18,9 @@ timeout). The watchdog waits for progress, not for steps:
   watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
-thread's stack, calls `on_hang` (the attempt record), then exits the process with EXIT_HUNG:
-torchrun restarts the group (or SLURM/Kubernetes the job), which resumes from the last checkpoint.
+thread's stack, calls `on_hang` (the attempt record) and `before_exit`, then exits the process with
+EXIT_HUNG: torchrun restarts the group (or SLURM/Kubernetes the job), which resumes from the last
+checkpoint. A thread that fails meanwhile (a peer's death ends its collective) yields to that exit.
 
 A process that was suspended as a whole (SIGSTOP, a frozen VM) is not hung: its watchdog thread
 did not run either. When the watchdog's own polls are SUSPENDED_S apart, it says so and starts
@@ -57,8 +58,11 @@ class Watchdog:
 
     def __init__(self, ceiling_s: float, where: Callable[[], str] = lambda: "",
                  on_hang: Callable[[str], None] = lambda phase: None, exit: Callable[[int], None] = os._exit,
-                 floor_s: float = FLOOR_S, factor: float = STEP_FACTOR, recent: int = RECENT_STEPS):
+                 floor_s: float = FLOOR_S, factor: float = STEP_FACTOR, recent: int = RECENT_STEPS,
+                 before_exit: Callable[[], None] = lambda: None):
         self.ceiling_s, self.where, self.on_hang, self._exit = ceiling_s, where, on_hang, exit
+        self.before_exit = before_exit
+        self.fired = threading.Event()  # a hang was declared: the process is on its way out with EXIT_HUNG
         self.floor_s, self.factor = floor_s, factor
         self.recent: deque[float] = deque(maxlen=recent)
         self.phase_name = "start-up"
@@ -132,7 +136,14 @@ class Watchdog:
                 self._fire(idle, limit)
                 return
 
+    def yield_to_hang_exit(self) -> None:
+        """For a thread about to end the process for another reason: once a hang is declared, wait
+        for the watchdog's own exit instead (EXIT_HUNG, the code the launchers restart on)."""
+        if self.fired.is_set():
+            time.sleep(RECORD_DEADLINE_S + 10)
+
     def _fire(self, idle: float, limit: float) -> None:
+        self.fired.set()
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = "\n".join(f"Thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}"
                            for ident, frame in sys._current_frames().items())
@@ -145,6 +156,10 @@ class Watchdog:
         recorder.join(RECORD_DEADLINE_S)
         if recorder.is_alive():
             log.error(f"could not record the hang within {RECORD_DEADLINE_S:g} s (the storage may hang too); exiting")
+        try:
+            self.before_exit()
+        except Exception as err:  # the exit matters more
+            log.error(f"before exiting: {type(err).__name__}: {err}")
         for handler in logging.getLogger("gpt2").handlers:
             handler.flush()
         self._exit(EXIT_HUNG)

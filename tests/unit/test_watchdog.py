@@ -141,3 +141,21 @@ def test_beats_from_a_background_thread_do_not_hide_a_stuck_main_thread():
             time.sleep(0.1)  # the main thread: no progress
     stop.set()
     assert fired == [201]
+
+
+def test_the_record_comes_first_then_the_last_act_then_the_exit_and_other_threads_yield_to_it(monkeypatch):
+    order: list[str] = []
+    dog = Watchdog(3.0, on_hang=lambda phase: order.append("record"), before_exit=lambda: order.append("last act"),
+                   exit=lambda code: order.append(f"exit {code}"), **SMALL)
+    slept: list[float] = []
+    monkeypatch.setattr(watchdog.time, "sleep", slept.append)
+    dog.yield_to_hang_exit()
+    assert slept == []  # no hang declared: a failing thread goes its own way at once
+    with dog:
+        timed_steps(dog)
+        t0 = time.monotonic()
+        while len(order) < 3 and time.monotonic() - t0 < 3:
+            time.perf_counter()  # (time.sleep is patched) spin until the watchdog fired
+    assert order == ["record", "last act", f"exit {EXIT_HUNG}"]
+    dog.yield_to_hang_exit()
+    assert slept and slept[-1] >= watchdog.RECORD_DEADLINE_S  # waits for the watchdog's exit instead
