@@ -207,7 +207,7 @@ def test_the_trainer_pod_saves_on_the_kubelets_sigterm_and_a_new_pod_resumes(sit
     kube.wait_for("the pod to be gone", lambda: kube.run("get", "pod", name, check=False).returncode != 0,
                   GRACE_S + 30, 0.5)
     took = time.time() - started
-    kube.wait_for("the watch to see the exit", lambda: seen, 30, 0.5)
+    kube.wait_for("the watch to see the exit", lambda: seen, 90, 0.5)  # its reconnects are slow on a loaded node
     assert seen[-1] == EXIT_PREEMPTED and took < GRACE_S, (seen, took, before_stop[-2000:])
     ledger = [json.loads(line) for line in (run_log / "attempts.jsonl").read_text().splitlines()]
     end = ledger[-1]

@@ -170,8 +170,10 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
         stop(second)
         s3_server.start()
     text = (tmp_path / "second.log").read_text()
-    # the outage is counted from the storage's last answer (a renewal up to 15 s before the stop)
-    assert code == 202 and 40 <= took < 120, (code, took, text[-3000:])
+    # the outage is counted from the storage's last answer (a renewal up to 15 s before the stop); it is
+    # noticed between steps, so a save that meets the outage first spends its own retries (up to about a
+    # minute, seen: 130 s in all on a loaded machine); still far from the 600 s ceiling
+    assert code == 202 and 40 <= took < 180, (code, took, text[-3000:])
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors and f"checkpoint.dir {ckpt_url} has not answered for" in errors[-1], errors
     assert int(re.search(r"has not answered for (\d+) s", errors[-1]).group(1)) >= 60, errors[-1]
