@@ -160,7 +160,6 @@ class Chaos:
         self.job_id = f"chaos-{os.getpid()}"
         self.submissions = 0
         self.intruders: list[tuple[Fault, subprocess.Popen]] = []
-        self.job: subprocess.Popen | None = None  # the current submission
         self._newest = (-1, time.monotonic())  # the newest step record seen, and when it appeared
 
     def submit(self) -> subprocess.Popen:
@@ -183,7 +182,6 @@ class Chaos:
 
     def _go(self) -> None:
         job, pending, waiting = self.submit(), list(self.faults), []
-        self.job = job
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline:
             code = job.poll()
@@ -197,7 +195,7 @@ class Chaos:
             if code == EXIT_OK:
                 return
             if code is not None:  # a requeue, as SLURM or the pod's restart policy does
-                job = self.job = self.submit()
+                job = self.submit()
             elif pending and not waiting and not self._intruding() and \
                     self._training(attempts, lines, job) >= pending[0].at_step:  # one fault at a time
                 fault = pending.pop(0)
@@ -310,15 +308,19 @@ def _libfaketime() -> str | None:
     return str(libs[0]) if libs else None
 
 
+def _run_pids(root: Path) -> list[int]:
+    """The processes of a run: those whose command line names its directory (torchrun starts each
+    worker in a session of its own, so no process group has them all)."""
+    return [p for p in _pids() if str(root) in _read(f"/proc/{p}/cmdline").replace("\0", " ")]
+
+
 def _kill_run(root: Path) -> None:
-    """SIGKILL every process of a run (stopped ones too): those whose command line names its
-    directory (torchrun starts each worker in a session of its own, so no process group has them all)."""
-    for pid in _pids():
-        if str(root) in _read(f"/proc/{pid}/cmdline").replace("\0", " "):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    """SIGKILL every process of a run (stopped ones too)."""
+    for pid in _run_pids(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _children(pid: int, depth: int) -> list[int]:
@@ -364,7 +366,7 @@ def check(ref: Run, chaos: Chaos) -> list[str]:
                         f"(e.g. {differ[0]})")
     breaches += _lineage_breaches(chaos.run)
     breaches += _ledger_breaches(chaos)
-    left = [p for p in _pids() if str(chaos.run.root) in _read(f"/proc/{p}/cmdline").replace("\0", " ")]
+    left = _run_pids(chaos.run.root)
     if left:
         breaches.append(f"processes of the run are left running: {left}")
         _kill_run(chaos.run.root)

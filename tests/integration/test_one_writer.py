@@ -17,7 +17,8 @@ import pytest
 from conftest import IN_CI, run_cli
 from helpers.runs import popen_train, raw_steps, steps, stop, train, wait_until
 
-from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED
+from gpt2.chaos import skewed_clock
+from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, ConfigError
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint.every": 3,
           "train.max_steps": 5000, "eval.val_every": 0}
@@ -35,13 +36,14 @@ def skewed(offset: str) -> list[str]:
     """A command prefix that runs the trainer with its clocks moved by `offset` (libfaketime, Debian's
     faketime package; preloaded directly: the `faketime` wrapper's semaphore clashes across pid
     namespaces)."""
-    libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
-    if not libs:
-        why = "libfaketime is not installed (scripts/test.sh installs the faketime package)"
+    try:
+        env = skewed_clock(offset)
+    except ConfigError as err:
+        why = f"{err} (scripts/test.sh installs the faketime package)"
         if IN_CI:
             pytest.fail(why)
         pytest.skip(why)
-    return ["env", f"LD_PRELOAD={libs[0]}", f"FAKETIME={offset}"]
+    return ["env", *(f"{k}={v}" for k, v in env.items())]
 
 
 def lease_records(ckpt: Path) -> dict[int, dict]:
