@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
 import uuid
@@ -62,8 +63,10 @@ def join(path: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts])
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5) -> T:
-    """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end.
+def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5,
+                 deadline: float = math.inf) -> T:
+    """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end,
+    or earlier when the next try would start after `deadline` (a `time.monotonic()` value).
 
     FileNotFoundError is not transient: it is raised at once. Neither is a refusal (StorageError at
     once, naming what to check), a full disk, a quota or a read-only file system (StorageFull).
@@ -85,6 +88,9 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
                 raise StorageUnavailable(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: "
                                          f"{err}") from err
             delay = base_delay * 2**attempt
+            if time.monotonic() + delay > deadline:
+                raise StorageUnavailable(f"{what} failed after {attempt + 1} attempts, with no time left to try "
+                                         f"again: {type(err).__name__}: {err}") from err
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")

@@ -5,6 +5,7 @@ the storage, `Lease` (gpt2.checkpoint.lease) says who may write, `Lineage` which
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -316,7 +317,7 @@ class Checkpointer:
                progress: Callable[[], None] | None = None) -> None:
         try:
             self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
-                             progress=progress)
+                             progress=progress, deadline=self.lease.deadline if self.lease else lambda: math.inf)
         except LeaseLost:
             log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
             raise

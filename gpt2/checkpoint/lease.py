@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -223,10 +224,10 @@ class Lease:
     def _path(self, generation: int) -> str:
         return join(self.root, f"{generation:08d}")
 
-    def _generations(self, retries: int | None = None) -> list[int]:
+    def _generations(self, retries: int | None = None, deadline: float = math.inf) -> list[int]:
         try:
             entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.root}",
-                                   self.retries if retries is None else retries)
+                                   self.retries if retries is None else retries, deadline=deadline)
         except FileNotFoundError:
             return []
         found = (_GENERATION.match(p.rstrip("/").rsplit("/", 1)[-1]) for p in entries)
@@ -251,8 +252,8 @@ class Lease:
 
     def _newer_exists(self, retries: int | None = None) -> bool:
         """Whether this holder was superseded: a higher generation exists, or our own record is gone
-        (pruned by a holder several generations later)."""
-        generations = self._generations(retries)
+        (pruned by a holder several generations later). Retries end at the outage deadline."""
+        generations = self._generations(retries, self.deadline())
         return self.generation not in generations or generations[-1] > self.generation
 
     # ---- taking it -----------------------------------------------------------------------------
@@ -440,6 +441,12 @@ class Lease:
     @property
     def superseded(self) -> bool:
         return self.lost is not None
+
+    def deadline(self) -> float:
+        """When an outage ends this attempt (`time.monotonic()`): `outage_s` after the last renewal that
+        succeeded. The holder's storage calls stop retrying there, so that no save keeps the training
+        loop past it (and `check` ends the attempt on time)."""
+        return self._confirmed + self.outage_s if self._confirmed > -math.inf else math.inf
 
     def may_write(self) -> bool:
         """Whether this holder may write now: not superseded, and renewed less than ttl/2 ago. No storage access."""

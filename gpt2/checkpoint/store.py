@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -123,12 +124,12 @@ class CheckpointStore:
 
     def write(self, state: dict[str, Any], step: int, meta: dict[str, Any], writer: str | None = None,
               fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True,
-              progress: Callable[[], None] | None = None) -> None:
+              progress: Callable[[], None] | None = None, deadline: Callable[[], float] = lambda: math.inf) -> None:
         """Write `state` as step `step` into a state file of this writer's own (`writer`: a name
         part unique to it), commit it, then prune to the newest `keep` of the lineage (`owns`).
         `fence()` runs right before the commit marker and before pruning: a writer that was
         superseded raises there and its save is abandoned (its own state file removed). `progress()`
-        after every chunk written."""
+        after every chunk written. No retry starts after `deadline()` (`time.monotonic()`)."""
         t0 = time.monotonic()
         writer = writer or uuid.uuid4().hex[:8]
         path = join(self.root, step_dir_name(step))
@@ -144,9 +145,9 @@ class CheckpointStore:
         meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), state_file=state_file,
                     writer_tag=writer, saved_at=time.time())
         r = self.retries
-        with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r)
+        with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r, deadline=deadline())
         with_retries(lambda: write_bytes(self.fs, join(path, state_file), data, progress),
-                     f"writing {url}/{state_file}", r)
+                     f"writing {url}/{state_file}", r, deadline=deadline())
         try:
             fence()
         except BaseException:
@@ -156,7 +157,8 @@ class CheckpointStore:
             log.warning("replacing checkpoint %s (written by %s, %s) with this trainer's", url,
                         existing.get("writer", "an unknown writer"), Lineage.of(existing).describe())
         # The commit marker goes last (an atomic replace): only now is the checkpoint complete.
-        with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {url}", r)
+        with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {url}", r,
+                     deadline=deadline())
         log.info("saved checkpoint %s (%.1f MB in %.1fs)", url, len(data) / 1e6, time.monotonic() - t0)
         fence()
         self._prune(keep_step=step, owns=owns)

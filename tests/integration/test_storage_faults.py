@@ -130,50 +130,33 @@ def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(t
 
 
 @pytest.mark.s3
-def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_resumes(tmp_path, s3_server, s3_url):
-    """checkpoint.dir on the S3 server of the tests, which is stopped and started again. With the
-    shipped defaults a 70 s outage (longer than the lease's ttl/2, after which nothing may be written)
-    is ridden out: training goes on, the step records held back meanwhile are written once the lease
-    is renewed, and the run finishes with every step once. An outage longer than checkpoint.outage_s
-    (lowered to 60 s here, the ttl) ends the attempt with EXIT_STORAGE and a message naming the storage; the
-    next attempt resumes from the last checkpoint."""
+def test_a_long_s3_outage_ends_the_attempt_retryably_at_its_limit_then_the_run_resumes(tmp_path, s3_server, s3_url):
+    """checkpoint.dir on the S3 server of the tests, which is stopped. An outage longer than
+    checkpoint.outage_s (lowered to 60 s here, the ttl, to keep CI short; the mechanism is the same at
+    600 s) ends the attempt with EXIT_STORAGE and a message naming the storage, at that limit even
+    though saves (every 50 steps) meet the outage; the next attempt resumes from the last checkpoint.
+    A shorter outage, ridden out with the shipped defaults (every step once, the uninterrupted run's
+    model bitwise), is the chaos test's store-down fault (test_chaos.py)."""
     ckpt_url = f"{s3_url}/ckpt"
     extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
              "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt_url}
-    first = popen_train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 700}), log_name="first.log")
+    first = popen_train(tmp_path, extra=dict(extra, **{"checkpoint.outage_s": 60}), log_name="first.log")
     try:
-        wait_until(lambda: len(steps(tmp_path)) >= 120, "steps and checkpoints", first, tmp_path / "first.log",
-                   timeout=300)
-        s3_server.stop()
-        time.sleep(40)
-        s3_server.start()
-        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
-    finally:
-        stop(first)
-        if s3_server.proc is None:
-            s3_server.start()
-    text = (tmp_path / "first.log").read_text()
-    # the trainer met the outage: its lease renewals and checks failed and were retried (training held
-    # back its records meanwhile, or a save's fence waited the outage out, as the timing falls)
-    assert "failed (EndpointConnectionError" in text, text[-3000:]
-    assert sorted(steps(tmp_path)) == list(range(700))  # nothing lost, nothing twice
-
-    second = popen_train(tmp_path, extra=dict(extra, **{"checkpoint.outage_s": 60}), log_name="second.log")
-    try:
-        wait_until(lambda: max(steps(tmp_path)) >= 760, "the second attempt's steps", second,
-                   tmp_path / "second.log", timeout=300)
+        wait_until(lambda: len(steps(tmp_path)) >= 120, "the first steps and checkpoints", first,
+                   tmp_path / "first.log", timeout=300)
         s3_server.stop()
         t0 = time.monotonic()
-        code = second.wait(timeout=300)
+        code = first.wait(timeout=300)
         took = time.monotonic() - t0
     finally:
-        stop(second)
+        stop(first)
         s3_server.start()
-    text = (tmp_path / "second.log").read_text()
-    # the outage is counted from the storage's last answer (a renewal up to 15 s before the stop); it is
-    # noticed between steps, so a save that meets the outage first spends its own retries (up to about a
-    # minute, seen: 130 s in all on a loaded machine); still far from the 600 s ceiling
-    assert code == 202 and 40 <= took < 180, (code, took, text[-3000:])
+    text = (tmp_path / "first.log").read_text()
+    # the outage is counted from the storage's last answer (a renewal up to 15 s before the stop), and
+    # a save that meets it stops retrying at that deadline (Lease.deadline): it ends after 45-60 s plus
+    # one storage call and one step, far from the 600 s ceiling (before the deadline, up to 130 s)
+    print(f"the outage ended the attempt {took:.0f} s after the store stopped")
+    assert code == 202 and 40 <= took < 120, (code, took, text[-3000:])
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert errors and f"checkpoint.dir {ckpt_url} has not answered for" in errors[-1], errors
     assert int(re.search(r"has not answered for (\d+) s", errors[-1]).group(1)) >= 60, errors[-1]
@@ -181,9 +164,11 @@ def test_an_s3_outage_is_ridden_out_and_a_long_one_ends_retryably_then_the_run_r
     assert ledger[-1]["event"] == "end" and ledger[-1]["exit_code"] == 202
     assert "StorageUnavailable" in ledger[-1]["reason"]
 
-    third = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": 820}))
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert f"resumed from {ckpt_url}/step-" in third.stdout and sorted(steps(tmp_path)) == list(range(820))
+    last = max(steps(tmp_path))
+    resumed = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": last + 20}))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {ckpt_url}/step-" in resumed.stdout
+    assert sorted(steps(tmp_path)) == list(range(last + 20))
 
 
 @pytest.mark.s3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from gpt2.storage import StorageError, filesystem, with_retries, write_bytes
@@ -26,6 +28,21 @@ def test_giving_up_names_the_operation_and_the_attempts():
 
     with pytest.raises(StorageError, match=r"writing s3://b/k failed after 3 attempts: TimeoutError: no answer"):
         with_retries(down, "writing s3://b/k", retries=2, base_delay=0.001)
+
+
+def test_no_retry_starts_after_the_deadline():
+    """A holder near its outage limit gives up at once instead of sleeping past it (the default
+    retries would take 15 s of back-off alone)."""
+    calls = []
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("connection refused")
+
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"listing s3://b failed after 2 attempts, with no time left to try again"):
+        with_retries(down, "listing s3://b", retries=5, deadline=t0 + 1.0)
+    assert len(calls) == 2 and time.monotonic() - t0 < 1.0  # tried at 0 s and 0.5 s; the next would start at 1.5 s
 
 
 def test_missing_files_are_not_retried():
