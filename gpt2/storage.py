@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A full disk, a quota, a read-only file system: not transient
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# a storage call without an answer for this long says so, and again every as long: a hung store
+# shows itself (each call still ends by its own timeout, e.g. s3fs's 15 s read timeout and retries)
+SLOW_CALL_S = 10.0
 
 
 
@@ -73,7 +78,8 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
     """
     for attempt in range(retries + 1):
         try:
-            return fn()
+            with _waiting_notice(what, SLOW_CALL_S):
+                return fn()
         except PermissionError as err:
             raise StorageError(f"{what} was refused ({err}): check the permissions or credentials for that place; "
                                "an object store also refuses a host whose clock is more than about 15 minutes off "
@@ -94,6 +100,36 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+_waiting = threading.local()  # per thread: when its storage call in flight last heard from the storage
+
+
+@contextlib.contextmanager
+def _waiting_notice(what: str, every_s: float) -> Iterator[None]:
+    """Say every `every_s` seconds without an answer (`_heard`) that `what` is still waiting, until the block ends."""
+    heard = _waiting.heard = [time.monotonic()]
+    done = threading.Event()
+
+    def notice() -> None:
+        while not done.wait(every_s):
+            quiet = time.monotonic() - heard[0]
+            if quiet >= every_s:
+                log.warning("%s: no answer for %.0f s; still waiting (the call ends at its own timeout)", what, quiet)
+
+    threading.Thread(target=notice, name="storage-wait-notice", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+        _waiting.heard = None
+
+
+def _heard() -> None:
+    """A chunk of a long transfer went through: the storage answers."""
+    heard = getattr(_waiting, "heard", None)
+    if heard is not None:
+        heard[0] = time.monotonic()
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
@@ -130,6 +166,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             f.write(view[start:start + CHUNK])
+            _heard()
             if progress is not None:
                 progress()
 
@@ -148,6 +185,7 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str,
     with fs.open(path, "rb") as f:
         while have < size and (n := f.readinto(view[have:have + CHUNK])):
             have += n
+            _heard()
             progress()
     view.release()
     return buf if have == size else buf[:have]

@@ -235,6 +235,7 @@ def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_i
         text = log.read_text()
         assert f"saved checkpoint {ckpt_url}/step-{at_thaw + 1:08d}" in text, text[-3000:]
         assert "no progress" not in text, text[-3000:]
+        assert ": no answer for 10 s; still waiting" in text, text[-3000:]  # the hung call said so
 
         freeze(s3_server.proc.pid)
         time.sleep(10)  # the next save (within 50 steps, about 2 s) waits on the store now

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from gpt2 import storage
 from gpt2.storage import StorageError, filesystem, with_retries, write_bytes
 
 
@@ -43,6 +44,27 @@ def test_no_retry_starts_after_the_deadline():
     with pytest.raises(StorageError, match=r"listing s3://b failed after 2 attempts, with no time left to try again"):
         with_retries(down, "listing s3://b", retries=5, deadline=t0 + 1.0)
     assert len(calls) == 2 and time.monotonic() - t0 < 1.0  # tried at 0 s and 0.5 s; the next would start at 1.5 s
+
+
+def test_a_call_without_an_answer_says_so_until_it_ends(monkeypatch, caplog):
+    monkeypatch.setattr(storage, "SLOW_CALL_S", 0.1)
+    assert with_retries(lambda: time.sleep(0.35) or "late", "reading s3://b/k") == "late"
+
+    def notices() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "no answer for" in r.getMessage()]
+
+    said = notices()
+    assert 2 <= len(said) <= 3 and said[0].startswith("reading s3://b/k: no answer for 0 s; still waiting"), said
+    time.sleep(0.3)
+    assert notices() == said  # none after the answer
+
+
+def test_a_long_transfer_that_moves_is_not_called_unanswered(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(storage, "SLOW_CALL_S", 0.1)
+    monkeypatch.setattr(storage, "CHUNK", 4)
+    fs, root = filesystem(str(tmp_path))
+    with_retries(lambda: write_bytes(fs, f"{root}/f", b"x" * 40, progress=lambda: time.sleep(0.06)), "writing f")
+    assert not [r for r in caplog.records if "no answer for" in r.getMessage()]  # 0.6 s in all, a chunk every 0.06 s
 
 
 def test_missing_files_are_not_retried():
