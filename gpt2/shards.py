@@ -32,7 +32,7 @@ import numpy as np
 
 from gpt2.errors import DataError
 from gpt2.fetch import Fetch
-from gpt2.storage import filesystem, is_local, join, with_retries, write_bytes
+from gpt2.storage import filesystem, heard, is_local, join, with_retries, write_bytes
 from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def sha256_of(fs: Any, path: str | os.PathLike, progress: Callable[[], None] = b
     with (fs.open(path, "rb") if fs is not None else open(path, "rb")) as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
+            heard()
             progress()
     return digest.hexdigest()
 

@@ -69,9 +69,10 @@ def join(path: str, *parts: str) -> str:
 
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5,
-                 deadline: float = math.inf) -> T:
+                 deadline: Callable[[], float] | None = None) -> T:
     """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end,
-    or earlier when the next try would start after `deadline` (a `time.monotonic()` value).
+    or once `deadline()` (a `time.monotonic()` value, read at each failure) has passed: the last
+    back-off is cut short so that one try lands at the deadline.
 
     FileNotFoundError is not transient: it is raised at once. Neither is a refusal (StorageError at
     once, naming what to check), a full disk, a quota or a read-only file system (StorageFull).
@@ -90,13 +91,14 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
             if isinstance(err, OSError) and err.errno in PERMANENT_ERRNOS:
                 raise StorageFull(f"{what} failed: {os.strerror(err.errno)}; free space there (or choose another "
                                   "place), then start again: retrying would not help") from err
+            tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
             if attempt == retries:
-                raise StorageUnavailable(f"{what} failed after {retries + 1} attempts: {type(err).__name__}: "
-                                         f"{err}") from err
-            delay = base_delay * 2**attempt
-            if time.monotonic() + delay > deadline:
-                raise StorageUnavailable(f"{what} failed after {attempt + 1} attempts, with no time left to try "
-                                         f"again: {type(err).__name__}: {err}") from err
+                raise StorageUnavailable(f"{what} failed after {tries}: {type(err).__name__}: {err}") from err
+            left = deadline() - time.monotonic() if deadline is not None else math.inf
+            if left <= 0:
+                raise StorageUnavailable(f"{what} failed after {tries}, with no time left to try again: "
+                                         f"{type(err).__name__}: {err}") from err
+            delay = min(base_delay * 2**attempt, left)
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -107,13 +109,14 @@ _waiting = threading.local()  # per thread: when its storage call in flight last
 
 @contextlib.contextmanager
 def _waiting_notice(what: str, every_s: float) -> Iterator[None]:
-    """Say every `every_s` seconds without an answer (`_heard`) that `what` is still waiting, until the block ends."""
-    heard = _waiting.heard = [time.monotonic()]
+    """Say every `every_s` seconds without an answer (`heard`) that `what` is still waiting, until the block ends."""
+    outer = getattr(_waiting, "heard", None)  # a call inside a call: the outer one's, restored after
+    box = _waiting.heard = [time.monotonic()]
     done = threading.Event()
 
     def notice() -> None:
         while not done.wait(every_s):
-            quiet = time.monotonic() - heard[0]
+            quiet = time.monotonic() - box[0]
             if quiet >= every_s:
                 log.warning("%s: no answer for %.0f s; still waiting (the call ends at its own timeout)", what, quiet)
 
@@ -122,14 +125,14 @@ def _waiting_notice(what: str, every_s: float) -> Iterator[None]:
         yield
     finally:
         done.set()
-        _waiting.heard = None
+        _waiting.heard = outer
 
 
-def _heard() -> None:
-    """A chunk of a long transfer went through: the storage answers."""
-    heard = getattr(_waiting, "heard", None)
-    if heard is not None:
-        heard[0] = time.monotonic()
+def heard() -> None:
+    """A chunk of a long transfer went through: the storage answers (no notice of waiting)."""
+    box = getattr(_waiting, "heard", None)
+    if box is not None:
+        box[0] = time.monotonic()
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
@@ -166,7 +169,7 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             f.write(view[start:start + CHUNK])
-            _heard()
+            heard()
             if progress is not None:
                 progress()
 
@@ -185,7 +188,7 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str,
     with fs.open(path, "rb") as f:
         while have < size and (n := f.readinto(view[have:have + CHUNK])):
             have += n
-            _heard()
+            heard()
             progress()
     view.release()
     return buf if have == size else buf[:have]

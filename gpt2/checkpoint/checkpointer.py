@@ -5,7 +5,6 @@ the storage, `Lease` (gpt2.checkpoint.lease) says who may write, `Lineage` which
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -215,7 +214,8 @@ class Checkpointer:
                  lineage: Lineage | None = None):
         self.cfg, self.parts, self.describe, self.is_writer, self.lease = cfg, parts, describe, is_writer, lease
         self.lineage = lineage or Lineage.new()
-        self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep)
+        self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep,
+                                     deadline=lease.deadline if lease is not None else None)
         self.writer = lease.tag if lease is not None else None
         self.stalled_s = 0.0  # the training loop blocked by saves in this attempt (for goodput)
         if is_writer:
@@ -317,7 +317,7 @@ class Checkpointer:
                progress: Callable[[], None] | None = None) -> None:
         try:
             self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
-                             progress=progress, deadline=self.lease.deadline if self.lease else lambda: math.inf)
+                             progress=progress)
         except LeaseLost:
             log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
             raise

@@ -42,6 +42,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -224,7 +225,7 @@ class Lease:
     def _path(self, generation: int) -> str:
         return join(self.root, f"{generation:08d}")
 
-    def _generations(self, retries: int | None = None, deadline: float = math.inf) -> list[int]:
+    def _generations(self, retries: int | None = None, deadline: Callable[[], float] | None = None) -> list[int]:
         try:
             entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.root}",
                                    self.retries if retries is None else retries, deadline=deadline)
@@ -253,7 +254,7 @@ class Lease:
     def _newer_exists(self, retries: int | None = None) -> bool:
         """Whether this holder was superseded: a higher generation exists, or our own record is gone
         (pruned by a holder several generations later). Retries end at the outage deadline."""
-        generations = self._generations(retries, self.deadline())
+        generations = self._generations(retries, self.deadline)
         return self.generation not in generations or generations[-1] > self.generation
 
     # ---- taking it -----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -62,15 +61,19 @@ class CheckpointInfo:
 class CheckpointStore:
     """The step directories under one directory or URL: list, write (atomically), load, prune."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retries: int = 5, keep: int = 2):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retries: int = 5, keep: int = 2,
+                 deadline: Callable[[], float] | None = None):
+        """`deadline()`: no retry of a storage call starts after it (`time.monotonic()`; the writer's
+        outage limit, `Lease.deadline`)."""
         self.url = url.rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self.root = filesystem(self.url, self.storage_options)
-        self.retries, self.keep = retries, keep
+        self.retries, self.keep, self.deadline = retries, keep, deadline
 
     def _entries(self, pattern: re.Pattern) -> list[tuple[int, str]]:
         try:
-            entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}", self.retries)
+            entries = with_retries(lambda: self.fs.ls(self.root, detail=False), f"listing {self.url}", self.retries,
+                                   deadline=self.deadline)
         except FileNotFoundError:
             return []
         except NotADirectoryError:
@@ -113,7 +116,7 @@ class CheckpointStore:
         for step, path in self._step_dirs():
             url = self._url_of(path)
             try:
-                meta = read_meta(url, self.storage_options, self.retries)
+                meta = read_meta(url, self.storage_options, self.retries, self.deadline)
             except CheckpointError as err:
                 if self.fs.exists(join(path, MARKER)):  # no marker: a save that did not finish, not worth a word
                     log.warning("ignoring %s: %s", url, err)
@@ -124,12 +127,12 @@ class CheckpointStore:
 
     def write(self, state: dict[str, Any], step: int, meta: dict[str, Any], writer: str | None = None,
               fence: Callable[[], None] = lambda: None, owns: Callable[[dict[str, Any]], bool] = lambda meta: True,
-              progress: Callable[[], None] | None = None, deadline: Callable[[], float] = lambda: math.inf) -> None:
+              progress: Callable[[], None] | None = None) -> None:
         """Write `state` as step `step` into a state file of this writer's own (`writer`: a name
         part unique to it), commit it, then prune to the newest `keep` of the lineage (`owns`).
         `fence()` runs right before the commit marker and before pruning: a writer that was
         superseded raises there and its save is abandoned (its own state file removed). `progress()`
-        after every chunk written. No retry starts after `deadline()` (`time.monotonic()`)."""
+        after every chunk written."""
         t0 = time.monotonic()
         writer = writer or uuid.uuid4().hex[:8]
         path = join(self.root, step_dir_name(step))
@@ -145,9 +148,9 @@ class CheckpointStore:
         meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), state_file=state_file,
                     writer_tag=writer, saved_at=time.time())
         r = self.retries
-        with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r, deadline=deadline())
+        with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r, deadline=self.deadline)
         with_retries(lambda: write_bytes(self.fs, join(path, state_file), data, progress),
-                     f"writing {url}/{state_file}", r, deadline=deadline())
+                     f"writing {url}/{state_file}", r, deadline=self.deadline)
         try:
             fence()
         except BaseException:
@@ -158,14 +161,14 @@ class CheckpointStore:
                         existing.get("writer", "an unknown writer"), Lineage.of(existing).describe())
         # The commit marker goes last (an atomic replace): only now is the checkpoint complete.
         with_retries(lambda: write_bytes(self.fs, marker, json.dumps(meta, indent=1).encode()), f"committing {url}", r,
-                     deadline=deadline())
+                     deadline=self.deadline)
         log.info("saved checkpoint %s (%.1f MB in %.1fs)", url, len(data) / 1e6, time.monotonic() - t0)
         fence()
         self._prune(keep_step=step, owns=owns)
 
     def marker_of(self, url: str) -> dict[str, Any] | None:
         try:
-            return read_meta(url, self.storage_options, self.retries)
+            return read_meta(url, self.storage_options, self.retries, self.deadline)
         except CheckpointError:
             return None
 
@@ -188,7 +191,8 @@ class CheckpointStore:
         for step, path in self._step_dirs():
             if step not in keep:
                 try:
-                    with_retries(lambda p=path: self.fs.rm(p, recursive=True), f"deleting {path}", self.retries)
+                    with_retries(lambda p=path: self.fs.rm(p, recursive=True), f"deleting {path}", self.retries,
+                                 deadline=self.deadline)
                 except (StorageError, OSError) as err:
                     log.warning("could not delete old checkpoint %s: %s", path, err)
             elif step in named and step != keep_step:
@@ -291,11 +295,13 @@ def _unloadable(url: str, name: str, err: Exception) -> CheckpointUnloadable:
         f"read it (this is torch {torch.__version__}), or a failing host. Resume with the version that wrote it")
 
 
-def read_meta(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:
+def read_meta(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3,
+              deadline: Callable[[], float] | None = None) -> dict[str, Any]:
     """The commit marker of a checkpoint directory; CheckpointError if it is missing or not a JSON object."""
     fs, path = filesystem(url, storage_options)
     try:
-        meta = json.loads(with_retries(lambda: fs.cat_file(join(path, MARKER)), f"reading {url}/{MARKER}", retries))
+        meta = json.loads(with_retries(lambda: fs.cat_file(join(path, MARKER)), f"reading {url}/{MARKER}", retries,
+                                       deadline=deadline))
     except FileNotFoundError:
         raise CheckpointError(f"{url} is not a complete checkpoint (no {MARKER} marker)") from None
     except ValueError as err:

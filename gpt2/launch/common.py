@@ -17,8 +17,15 @@ from gpt2.config import (
 )
 from gpt2.errors import LaunchError
 
+# After forwarding a stop signal (a preemption), torchrun waits this long for the trainers' last
+# checkpoint before SIGKILL. torch's own default, 30 s, cuts a slow save short (a 1.6 GB state over a
+# congested link); this stays below the 120 s that SLURM's warning (launch.signal_delay_s) and the
+# pod's grace period (k8s_manifests.GRACE_SECONDS) give.
+SAVE_ON_STOP_S = 100
+
 # Environment for torchrun and the trainer, the same on SLURM, Kubernetes and in the image.
 TRAINER_ENV: dict[str, str] = {
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SAVE_ON_STOP_S),
     # a fresh rendezvous TCP store per round, so restarted workers never read dead peers' keys
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     # torchrun forwards these to the workers; SIGUSR2 is SLURM's preemption/time-limit warning

@@ -17,6 +17,7 @@ import yaml
 
 from gpt2.launch.common import (
     RDZV_PORT,
+    SAVE_ON_STOP_S,
     TRAINER_ENV,
     LaunchError,
     check_image,
@@ -34,8 +35,8 @@ S3_SECRET = "gpt2-s3"
 TENSORBOARD = "gpt2-tensorboard"
 JOB_LABEL = "training.kubeflow.org/job-name"
 RDZV_PORT_NAME = "pytorchjob-port"  # the Training Operator's PytorchJobDefaultPortName
-# torchrun gives workers 30 s after forwarding SIGTERM; the pod's grace period must exceed it.
-GRACE_SECONDS = 120
+# torchrun gives workers SAVE_ON_STOP_S after forwarding SIGTERM; the pod's grace period must exceed it.
+GRACE_SECONDS = SAVE_ON_STOP_S + 20
 # The trainers wait this long for the preparation Job's manifest (`kubectl apply -k` starts both).
 WAIT_FOR_DATA_S = 24 * 3600
 # a Kubernetes resource quantity: 2, 500m, 1.5, 32Gi, 256M

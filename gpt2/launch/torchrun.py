@@ -6,17 +6,20 @@ torchrun still exits 1. What runs torchrun decides on that code: a PyTorchJob wi
 `restartPolicy: ExitCode` restarts a pod for 128-255 and fails the whole job for 1-127, so an
 evicted or preempted pod must not exit 1. Here a stop signal gives EXIT_PREEMPTED (the trainers were
 asked to save, and a resume continues from the newest checkpoint either way), and a failed worker
-group gives the exit code of its first failure (a signal N as 128 + N).
+group gives the exit code of its first failure (a signal N as 128 + N). The trainers get
+SAVE_ON_STOP_S (100 s), not torch's 30 s, for that save before torchrun kills them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
 from gpt2 import logs
 from gpt2.errors import EXIT_ERROR, EXIT_PREEMPTED
+from gpt2.launch.common import TRAINER_ENV
 
 log = logging.getLogger("gpt2.launch.torchrun")
 
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     logs.setup()
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TRAINER_ENV["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)

@@ -13,8 +13,8 @@ from pathlib import Path
 from conftest import REPO, run_cli, tiny_overrides
 
 
-def torchrun_args(nproc: int, max_restarts: int = 0) -> list[str]:
-    return ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def torchrun_args(nproc: int, max_restarts: int = 0, launcher: str = "torch.distributed.run") -> list[str]:
+    return ["-m", launcher, "--standalone", f"--nproc-per-node={nproc}",
             f"--max-restarts={max_restarts}", "--monitor-interval=0.5"]
 
 
@@ -32,12 +32,12 @@ def train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: in
 
 
 def popen_train(tmp: Path, nproc: int = 1, extra: dict | None = None, max_restarts: int = 0,
-                env: dict | None = None, log_name: str = "train.log", prefix: list[str] | None = None
-                ) -> subprocess.Popen:
+                env: dict | None = None, log_name: str = "train.log", prefix: list[str] | None = None,
+                launcher: str = "torch.distributed.run") -> subprocess.Popen:
     """The trainer in the background, its output in `tmp / log_name`; `prefix` runs it under another
-    command (faketime, unshare)."""
-    launcher = torchrun_args(nproc, max_restarts) if nproc > 1 else []
-    args = [*(prefix or []), sys.executable, *launcher, "-m", "gpt2.train", "configs/demo.yaml",
+    command (faketime, unshare); `launcher`: the torchrun module for `nproc` > 1."""
+    launcher_args = torchrun_args(nproc, max_restarts, launcher) if nproc > 1 else []
+    args = [*(prefix or []), sys.executable, *launcher_args, "-m", "gpt2.train", "configs/demo.yaml",
             *tiny_overrides(tmp, **(extra or {}))]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), OMP_NUM_THREADS="1", **(env or {}))
     log = open(tmp / log_name, "w")

@@ -260,8 +260,9 @@ def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_i
 
 @pytest.fixture
 def store_behind_a_link():
-    """The S3 server of the tests in a network namespace of its own, reached over a veth pair whose
-    far end `throttle(rate)` slows with tc; the namespace and the link are removed afterwards."""
+    """The S3 server of the tests in a network namespace of its own, reached over a veth pair that
+    `throttle(rate, upload)` slows with tc (what the store sends, or with `upload` what it receives);
+    the namespace and the link are removed afterwards."""
     need_root()
     if shutil.which("tc") is None:
         pytest.fail("tc (iproute2) is missing") if IN_CI else pytest.skip("tc (iproute2) is missing")
@@ -286,9 +287,10 @@ def store_behind_a_link():
         server = S3Server(Path(os.environ.get("TMPDIR", "/tmp")) / ns, ip=f"{net}.2", netns=ns)
         server.start()
 
-        def throttle(rate: str) -> None:  # what the store sends: the direction of a download
-            run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", far, "root", "tbf", "rate", rate,
-                "burst", "4kb", "latency", "2s")
+        def throttle(rate: str, upload: bool = False) -> None:  # a download: what the store sends
+            at = ["tc"] if upload else ["ip", "netns", "exec", ns, "tc"]
+            run(*at, "qdisc", "add", "dev", near if upload else far, "root", "tbf", "rate", rate, "burst", "4kb",
+                "latency", "2s")
 
         yield server, throttle
     finally:
@@ -348,3 +350,37 @@ def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_b
     assert waits and max(waits) >= 60, text[-3000:]  # the step waited past the 60 s step limit
     assert "hung" not in text and "no progress" not in text
     assert len(losses(remote)) == 420 and losses(remote) == losses(local)
+
+
+def test_a_preemption_save_slower_than_torchruns_30_s_default_completes(tmp_path, store_behind_a_link):
+    """Two workers under gpt2.launch.torchrun (the launchers' torchrun), checkpoint.dir on an S3 store
+    whose uploads a tc link slows to 512 kbit/s, shipped defaults. SIGTERM (a preemption): the final
+    save takes longer than the 30 s that torchrun gives its workers by default before SIGKILL; with
+    the launchers' TORCH_ELASTIC_SHUTDOWN_TIMEOUT (100 s) it completes and the job exits 200. (The
+    state, 3 MB, takes about a minute at that rate.)"""
+    from helpers.s3 import S3_BUCKET
+
+    from gpt2.checkpoint import CheckpointStore
+    from gpt2.errors import EXIT_PREEMPTED
+
+    server, throttle = store_behind_a_link
+    ckpt = f"s3://{S3_BUCKET}/slow-save/ckpt"
+    extra = {"model.n_layer": 2, "model.n_embd": 96, "model.n_head": 4, "train.max_steps": 100000,
+             "checkpoint.every": 100000, "eval.val_every": 0, "checkpoint.dir": ckpt}
+    run = popen_train(tmp_path, nproc=2, extra=extra, env=server.env, launcher="gpt2.launch.torchrun")
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 20, "steps", run, tmp_path / "train.log", timeout=300)
+        throttle("512kbit", upload=True)
+        t0 = time.monotonic()
+        os.kill(run.pid, signal.SIGTERM)
+        code = run.wait(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        stop(run)
+    text = (tmp_path / "train.log").read_text()
+    print(f"the preemption save took {took:.0f} s")
+    assert code == EXIT_PREEMPTED and took > 35, (code, took, text[-3000:])  # past torch's 30 s: the fault landed
+    saved = re.search(r"saved checkpoint (\S+) \(([\d.]+) MB in ([\d.]+)s\)", text)
+    assert saved and float(saved.group(3)) > 30, text[-3000:]
+    newest = CheckpointStore(ckpt, server.storage_options).complete()[-1]
+    assert newest.url == saved.group(1) and newest.step >= 20

@@ -41,9 +41,10 @@ def test_no_retry_starts_after_the_deadline():
         raise ConnectionError("connection refused")
 
     t0 = time.monotonic()
-    with pytest.raises(StorageError, match=r"listing s3://b failed after 2 attempts, with no time left to try again"):
-        with_retries(down, "listing s3://b", retries=5, deadline=t0 + 1.0)
-    assert len(calls) == 2 and time.monotonic() - t0 < 1.0  # tried at 0 s and 0.5 s; the next would start at 1.5 s
+    with pytest.raises(StorageError, match=r"listing s3://b failed after 3 attempts, with no time left to try again"):
+        with_retries(down, "listing s3://b", retries=5, deadline=lambda: t0 + 1.0)
+    # tried at 0 s and 0.5 s, then at the deadline (the 1 s back-off cut to what was left), not at 1.5 s
+    assert len(calls) == 3 and 0.9 < calls[-1] - t0 < 1.3 and time.monotonic() - t0 < 1.3
 
 
 def test_a_call_without_an_answer_says_so_until_it_ends(monkeypatch, caplog):
@@ -65,6 +66,33 @@ def test_a_long_transfer_that_moves_is_not_called_unanswered(monkeypatch, caplog
     fs, root = filesystem(str(tmp_path))
     with_retries(lambda: write_bytes(fs, f"{root}/f", b"x" * 40, progress=lambda: time.sleep(0.06)), "writing f")
     assert not [r for r in caplog.records if "no answer for" in r.getMessage()]  # 0.6 s in all, a chunk every 0.06 s
+
+
+def test_the_deadline_is_read_at_each_failure():
+    """A holder whose lease was renewed meanwhile has a later deadline: its retries go on."""
+    calls, renewed = [], [time.monotonic() + 0.2]
+
+    def flaky():
+        calls.append(1)
+        renewed[0] = time.monotonic() + 5  # a renewal during the call
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    assert with_retries(flaky, "writing x", retries=5, base_delay=0.3, deadline=lambda: renewed[0]) == "ok"
+
+
+def test_a_call_inside_a_call_keeps_the_outer_ones_notice_quiet_while_it_moves(monkeypatch, caplog):
+    monkeypatch.setattr(storage, "SLOW_CALL_S", 0.1)
+
+    def outer():
+        with_retries(lambda: 1, "inner")
+        for _ in range(8):
+            time.sleep(0.05)
+            storage.heard()
+
+    with_retries(outer, "outer")
+    assert not [r for r in caplog.records if "no answer for" in r.getMessage()]
 
 
 def test_missing_files_are_not_retried():
