@@ -379,8 +379,9 @@ def test_a_preemption_save_slower_than_torchruns_30_s_default_completes(tmp_path
         stop(run)
     text = (tmp_path / "train.log").read_text()
     print(f"the preemption save took {took:.0f} s")
-    assert code == EXIT_PREEMPTED and took > 35, (code, took, text[-3000:])  # past torch's 30 s: the fault landed
+    assert code == EXIT_PREEMPTED, (code, took, text[-3000:])
     saved = re.search(r"saved checkpoint (\S+) \(([\d.]+) MB in ([\d.]+)s\)", text)
-    assert saved and float(saved.group(3)) > 30, text[-3000:]
+    assert saved, f"the preemption save was cut short after {took:.0f} s: {text[-3000:]}"
+    assert float(saved.group(3)) > 30, saved.group(0)  # it outlasted torch's default: the test can tell
     newest = CheckpointStore(ckpt, server.storage_options).complete()[-1]
     assert newest.url == saved.group(1) and newest.step >= 20
