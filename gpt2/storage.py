@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,7 +80,7 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
     """
     for attempt in range(retries + 1):
         try:
-            with _waiting_notice(what, SLOW_CALL_S):
+            with _in_flight.call(what):
                 return fn()
         except PermissionError as err:
             raise StorageError(f"{what} was refused ({err}): check the permissions or credentials for that place; "
@@ -104,35 +105,72 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
     raise AssertionError("unreachable")
 
 
-_waiting = threading.local()  # per thread: when its storage call in flight last heard from the storage
+@dataclass
+class _Call:
+    what: str
+    heard_at: float  # its last answer (its start, or a chunk of a transfer)
+    said_at: float  # its last notice
 
 
-@contextlib.contextmanager
-def _waiting_notice(what: str, every_s: float) -> Iterator[None]:
-    """Say every `every_s` seconds without an answer (`heard`) that `what` is still waiting, until the block ends."""
-    outer = getattr(_waiting, "heard", None)  # a call inside a call: the outer one's, restored after
-    box = _waiting.heard = [time.monotonic()]
-    done = threading.Event()
+class _InFlight:
+    """The storage calls in flight in this process, watched by one daemon thread (started with the
+    first call) that says which has waited SLOW_CALL_S without an answer. No thread per call: a call
+    costs microseconds, and a process short of memory can still make it."""
 
-    def notice() -> None:
-        while not done.wait(every_s):
-            quiet = time.monotonic() - box[0]
-            if quiet >= every_s:
-                log.warning("%s: no answer for %.0f s; still waiting (the call ends at its own timeout)", what, quiet)
+    def __init__(self) -> None:
+        self.calls: dict[int, _Call] = {}
+        self.lock = threading.Lock()
+        self.watcher: threading.Thread | None = None
+        self.local = threading.local()  # this thread's call in flight, for `heard`
 
-    threading.Thread(target=notice, name="storage-wait-notice", daemon=True).start()
-    try:
-        yield
-    finally:
-        done.set()
-        _waiting.heard = outer
+    @contextlib.contextmanager
+    def call(self, what: str) -> Iterator[None]:
+        now = time.monotonic()
+        call, outer = _Call(what, now, now), getattr(self.local, "call", None)  # a call inside a call: restored
+        self.local.call = call
+        with self.lock:
+            self.calls[id(call)] = call
+            self._ensure_watcher()
+        try:
+            yield
+        finally:
+            with self.lock:
+                del self.calls[id(call)]
+            self.local.call = outer
+
+    def heard(self) -> None:
+        call = getattr(self.local, "call", None)
+        if call is not None:
+            call.heard_at = time.monotonic()
+
+    def _ensure_watcher(self) -> None:
+        if self.watcher is None or not self.watcher.is_alive():
+            watcher = threading.Thread(target=self._watch, name="storage-wait-notice", daemon=True)
+            try:
+                watcher.start()
+            except RuntimeError:  # no thread to be had (memory): the call goes on unwatched
+                return
+            self.watcher = watcher
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, SLOW_CALL_S / 4))
+            now = time.monotonic()
+            with self.lock:
+                due = [c for c in self.calls.values() if now - max(c.heard_at, c.said_at) >= SLOW_CALL_S]
+                for call in due:
+                    call.said_at = now
+            for call in due:
+                log.warning("%s: no answer for %.0f s; still waiting (the call ends at its own timeout)", call.what,
+                            now - call.heard_at)
+
+
+_in_flight = _InFlight()
 
 
 def heard() -> None:
     """A chunk of a long transfer went through: the storage answers (no notice of waiting)."""
-    box = getattr(_waiting, "heard", None)
-    if box is not None:
-        box[0] = time.monotonic()
+    _in_flight.heard()
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:
