@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers.s3 import S3_BUCKET, S3Server  # noqa: E402
+from helpers.s3 import S3_BUCKET, S3Server, WeedMissing  # noqa: E402
 from helpers.store_ctl import StoreController  # noqa: E402
 
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.seq_len=32",
@@ -39,7 +39,11 @@ def main() -> int:
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     server = S3Server(root / "seaweedfs")
-    server.start()
+    try:
+        server.start()
+    except (WeedMissing, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         control = root / "store-ctl"
         store = f"{sys.executable} {REPO / 'tests/helpers/store_ctl.py'} {control}"
