@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2.config import ConfigError
+from gpt2.errors import GroupLost
 from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
@@ -113,12 +115,18 @@ def end_stopped_local_peers() -> list[int]:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
         return []
+    group = [pid for pid in _children(os.getppid()) if pid != os.getpid() and
+             f"TORCHELASTIC_RUN_ID={run_id}".encode() in _read_bytes(f"/proc/{pid}/environ").split(b"\0")]
+    return kill_stopped(group)
+
+
+def kill_stopped(pids: Iterable[int]) -> list[int]:
+    """SIGKILL those of `pids` that are stopped (state T); returns them. A stopped process never
+    answers SIGTERM, so a teardown that waits for it waits in vain."""
     ended = []
-    for pid in _children(os.getppid()):
-        if pid == os.getpid() or _state(pid) != "T":
+    for pid in pids:
+        if _state(pid) != "T":
             continue
-        if f"TORCHELASTIC_RUN_ID={run_id}".encode() not in _read_bytes(f"/proc/{pid}/environ").split(b"\0"):
-            continue  # not a worker of this group
         try:
             os.kill(pid, signal.SIGKILL)
             ended.append(pid)
@@ -229,6 +237,7 @@ class Liveness:
         arrived, said = False, False
         last: list[bytes] = []
         since: list[float] = []
+        failing_since: float | None = None
         while True:
             try:
                 if not arrived:
@@ -237,7 +246,13 @@ class Liveness:
                 if store.check(arrivals):
                     break
                 counts, now = store.multi_get(alive_keys), time.monotonic()
-            except Exception:  # the store is unreachable (its host is gone or cut off): no progress
+                failing_since = None
+            except Exception as err:  # refused or reset: the store's host, rank 0, is gone (or cut off)
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= STALE_S:  # as a rank whose heartbeat stopped
+                    raise GroupLost(f"the process group's store (rank 0's host) has failed every call for "
+                                    f"{STALE_S:g} s ({type(err).__name__}: {err}): rank 0 is gone; this rank exits so "
+                                    "that the group restarts from the last checkpoint") from err
                 time.sleep(POLL_S)
                 continue
             if len(last) != len(counts):

@@ -17,7 +17,8 @@ EXIT_CRASH_LOOP = 4
 # Preempted (signal received, checkpoint saved). In the 128-255 range that Kubeflow's
 # restartPolicy=ExitCode treats as retryable, and not 128+N for a common signal N.
 EXIT_PREEMPTED = 200
-# No progress for train.hang_timeout_s (gpt2.watchdog): retryable too, the restart resumes.
+# No progress for train.hang_timeout_s (gpt2.watchdog), or none possible (the group lost rank 0):
+# retryable too, the restart resumes.
 EXIT_HUNG = 201
 # The storage could not be reached (after retries at start-up, or for checkpoint.outage_s while
 # training): retryable, a later attempt finds it back.
@@ -95,6 +96,11 @@ class LeaseLost(Gpt2Error, RuntimeError):
     """This trainer was superseded by another attempt that took the run's lease: it must not write."""
 
 
+class GroupLost(Gpt2Error, RuntimeError):
+    """The process group's store (on rank 0's host) stopped answering: rank 0 is gone, and the group
+    must restart from the last checkpoint."""
+
+
 class LaunchError(Gpt2Error, ValueError):
     """Bad launcher input or an unusable cluster; nothing was submitted."""
 
@@ -107,6 +113,7 @@ EXIT_CODES: dict[type[Gpt2Error], int] = {
     StatusError: EXIT_CONFIG,
     TrainingDiverged: EXIT_DIVERGED,
     CrashLoop: EXIT_CRASH_LOOP,
+    GroupLost: EXIT_HUNG,
     StorageUnavailable: EXIT_STORAGE,
     Gpt2Error: EXIT_ERROR,
 }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO
 
 # An "agent" (like torchrun's) with four children: a worker of the group that runs, one that will be
@@ -45,3 +46,59 @@ def test_a_hung_rank_kills_its_stopped_peers_of_the_same_group_only(tmp_path):
     finally:
         os.kill(other_group, signal.SIGCONT)
         agent.wait(timeout=30)
+
+
+class _DeadStore:
+    """A process group's store whose host is gone: every call is refused (for `failing_s` of a fake
+    clock, then answered, if given)."""
+
+    def __init__(self, clock: list[float], failing_s: float = float("inf")):
+        self.clock, self.failing_s = clock, failing_s
+
+    def _call(self, *args):
+        if self.clock[0] < self.failing_s:
+            raise ConnectionError("Connection refused")
+        return True
+
+    set = check = _call
+
+    def multi_get(self, keys):
+        self._call()
+        return [b"1"] * len(keys)
+
+
+def _waiting_rank_1(monkeypatch, store: _DeadStore, clock: list[float]):
+    import torch.distributed as dist
+
+    from gpt2 import distributed
+
+    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    liveness = distributed.Liveness()
+    liveness._thread = object()  # started: wait_for_all watches the store
+    return liveness
+
+
+def test_a_rank_waiting_on_a_store_whose_host_is_gone_gives_up_as_for_a_silent_peer(monkeypatch):
+    """Rank 0 hosts the group's store (multi-node torchrun): once it is killed, the others' wait for
+    its save would last until the watchdog's limit or torchrun's 30 s SIGKILL; it ends at STALE_S."""
+    from gpt2.distributed import STALE_S
+    from gpt2.errors import EXIT_HUNG, GroupLost, exit_code
+
+    clock = [0.0]
+    liveness = _waiting_rank_1(monkeypatch, _DeadStore(clock), clock)
+    with pytest.raises(GroupLost, match="rank 0 is gone") as caught:
+        liveness.wait_for_all()
+    assert STALE_S <= clock[0] < STALE_S + 1 and exit_code(caught.value) == EXIT_HUNG
+
+
+def test_a_store_that_answers_again_within_the_limit_is_waited_for(monkeypatch):
+    from gpt2.distributed import STALE_S
+
+    clock = [0.0]
+    liveness = _waiting_rank_1(monkeypatch, _DeadStore(clock, failing_s=STALE_S - 1), clock)
+    liveness.wait_for_all()  # no error: the blip ends before the limit
+    assert clock[0] >= STALE_S - 1
