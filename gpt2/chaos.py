@@ -35,7 +35,9 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +68,9 @@ STORE_CMD_TIMEOUT_S = 120
 # what a start refused by the run's lease says (gpt2.checkpoint.lease.LeaseHeld)
 REFUSALS = ("another trainer holds this run", "still holds the lease of", "this start gives way and writes nothing")
 POLL_S = 0.2
+SLURM_POLL_S = 2.0
+# sacct's states of a job that has ended for good (a requeued one goes back to PENDING)
+SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 JOB_TIMEOUT_S = 3600
 
 
@@ -82,7 +87,7 @@ class Fault:
     recovery_s: float | None = None  # injection to the next step trained (a store fault: to the next save)
     note: str = ""
     restore_mono: float | None = None  # a store fault: when the store comes back
-    log_offset: int = 0  # a store fault: the job's log from here on is read for its effects
+    log_marks: tuple[int, int] = (0, 0)  # a store fault: retries and saves in the job's log before it
     recovered_at: float | None = None  # wall time (this host's)
     quiet_s: float = 0.0  # a store fault: the longest time the job wrote no step record meanwhile
     retried: int = 0  # a store fault: the job's storage calls that failed and were retried meanwhile
@@ -150,27 +155,134 @@ def reference(run: Run) -> None:
         raise ChaosBreach(f"the uninterrupted reference run failed (exit {code}); see {run.root / 'train.log'}")
 
 
+class LocalJob:
+    """The job as torchrun on this host, submitted again after a retryable exit (as SLURM's requeue
+    or a pod's restart would)."""
+
+    def __init__(self, run: Run, restarts: int, job_id: str | None = None):
+        self.run, self.restarts = run, restarts
+        self.job_id = job_id or f"chaos-{os.getpid()}"
+        self.submissions = 0
+        self.proc: subprocess.Popen | None = None
+
+    def submit(self) -> None:
+        self.submissions += 1
+        self.proc = self.run.start(self.run.torchrun(self.restarts), self.job_id, "train.log")
+
+    def poll(self) -> int | None:
+        """None while the job runs (or was just submitted again), else its final exit code."""
+        code = self.proc.poll() if self.proc else None
+        if code in RETRYABLE:
+            self.submit()
+            return None
+        return code
+
+    def preempt(self) -> None:
+        if self.proc:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def cancel(self) -> None:
+        _kill_run(self.run.root)
+
+    def owns(self, job_id: str | None) -> bool:
+        """Whether a ledger record's job id is this job's."""
+        return job_id == f"job:{self.job_id}"
+
+    def log_text(self) -> str:
+        return _read(str(self.run.root / "train.log"))
+
+
+class SlurmJob:
+    """The job submitted through the SLURM launcher (`gpt2.launch.slurm`): one node per worker, one
+    CPU process each. SLURM requeues it (submitit after the preemption signal, the task after a
+    retryable exit); the ledger knows it by its SLURM job id."""
+
+    def __init__(self, run: Run, restarts: int):
+        self.run, self.restarts = run, restarts
+        self.slurm_id = ""
+        self._next_poll = 0.0
+
+    @property
+    def job_id(self) -> str:
+        return f"slurm-{self.slurm_id}"
+
+    @property
+    def submissions(self) -> int:
+        """How often SLURM started it: the first start and each requeue."""
+        out = _slurm(["sacct", "-X", "-n", "-D", "-j", self.slurm_id, "-o", "JobID"])
+        return max(1, len(out.split()))
+
+    def submit(self) -> None:
+        argv = [sys.executable, "-m", "gpt2.launch.slurm", "--nodes", str(self.run.nproc), "--gpus", "0",
+                "--config", self.run.config, "--time", f"{JOB_TIMEOUT_S // 60 + 10}",
+                "--run-dir", str(self.run.root.parent), "--name", self.run.root.name,
+                *self.run.overrides, f"launch.max_restarts={self.restarts}"]
+        env = {k: v for k, v in os.environ.items() if k != "GPT2_JOB_ID"}  # its job id is SLURM's
+        env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=STORE_CMD_TIMEOUT_S)
+        found = re.search(r"submitted job (\d+)", r.stdout)
+        if r.returncode != 0 or not found:
+            raise ChaosBreach(f"the SLURM launcher did not submit the job (exit {r.returncode}): "
+                              f"{(r.stdout + r.stderr)[-800:]}")
+        self.slurm_id = found.group(1)
+        log.info(f"chaos: SLURM job {self.slurm_id}")
+
+    def poll(self) -> int | None:
+        """None until the job has ended for good (pending, running, requeued); then 0 if it completed, else 1."""
+        if time.monotonic() < self._next_poll:  # the accounting database, not 5 times a second
+            return None
+        self._next_poll = time.monotonic() + SLURM_POLL_S
+        state = _slurm(["sacct", "-X", "-n", "-j", self.slurm_id, "-o", "State"]).split()
+        if not state or state[0] not in SLURM_ENDED:
+            return None
+        return EXIT_OK if state[0] == "COMPLETED" else 1
+
+    def preempt(self) -> None:
+        """What SLURM does before a time limit or a preemption (submitit's --signal=USR2@delay)."""
+        _slurm(["scancel", "--signal=USR2", self.slurm_id], check=True)
+
+    def cancel(self) -> None:
+        if self.slurm_id:
+            _slurm(["scancel", self.slurm_id])
+        _kill_run(self.run.root)
+
+    def owns(self, job_id: str | None) -> bool:
+        return bool(job_id) and job_id.startswith("slurm:") and job_id.endswith(f"/{self.slurm_id}")
+
+    def log_text(self) -> str:
+        return "".join(_read(str(p)) for p in sorted((self.run.root / "submitit").glob("*/*_log.*")))
+
+
+def _slurm(argv: list[str], check: bool = False) -> str:
+    """A SLURM command's output (with a timeout: a controller that does not answer is a breach)."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=STORE_CMD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ChaosBreach(f"`{shlex.join(argv)}` failed: {err}") from err
+    if check and r.returncode != 0:
+        raise ChaosBreach(f"`{shlex.join(argv)}` exited {r.returncode}: {r.stderr[-500:]}")
+    return r.stdout
+
+
+LAUNCHERS = {"torchrun": LocalJob, "slurm": SlurmJob}
+
+
 class Chaos:
     """The job under faults: submitted, faulted, submitted again after each retryable exit."""
 
     def __init__(self, run: Run, faults: list[Fault], restarts: int, store_cmd: str | None = None,
-                 store_fault_s: float = STORE_FAULT_S):
-        self.run, self.faults, self.restarts = run, faults, restarts
+                 store_fault_s: float = STORE_FAULT_S, launcher: str = "torchrun"):
+        self.run, self.faults = run, faults
+        self.job: LocalJob | SlurmJob = LAUNCHERS[launcher](run, restarts)
         self.store_cmd, self.store_fault_s = store_cmd, store_fault_s
-        self.job_id = f"chaos-{os.getpid()}"
-        self.submissions = 0
         self.intruders: list[tuple[Fault, subprocess.Popen]] = []
         self._newest = (-1, time.monotonic())  # the newest step record seen, and when it appeared
-
-    def submit(self) -> subprocess.Popen:
-        self.submissions += 1
-        return self.run.start(self.run.torchrun(self.restarts), self.job_id, "train.log")
 
     def go(self) -> None:
         try:
             self._go()
         except BaseException:  # stopped or failed: nothing of the job runs on (a clean end is checked instead)
-            _kill_run(self.run.root)
+            self.job.cancel()
             raise
         finally:  # and the store is back, whatever happened
             for fault in self.faults:
@@ -181,12 +293,13 @@ class Chaos:
                         log.error(f"chaos: could not bring the store back after {fault.kind}: {err}")
 
     def _go(self) -> None:
-        job, pending, waiting = self.submit(), list(self.faults), []
+        pending, waiting = list(self.faults), []
+        self.job.submit()
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while time.monotonic() < deadline:
-            code = job.poll()
-            if code is not None and code != EXIT_OK and code not in RETRYABLE:
-                raise ChaosBreach(f"the job exited {code}, which no launcher restarts; see {self.run.root}/train.log")
+            code = self.job.poll()
+            if code is not None and code != EXIT_OK:
+                raise ChaosBreach(f"the job exited {code}, which no launcher restarts; see its log in {self.run.root}")
             attempts, lines = self.run.records()
             self._watch_quiet(waiting, lines)
             for fault in waiting:
@@ -194,41 +307,45 @@ class Chaos:
             self._recovered(waiting, attempts, lines)
             if code == EXIT_OK:
                 return
-            if code is not None:  # a requeue, as SLURM or the pod's restart policy does
-                job = self.submit()
-            elif pending and not waiting and not self._intruding() and \
-                    self._training(attempts, lines, job) >= pending[0].at_step:  # one fault at a time
+            if pending and not waiting and not self._intruding() and \
+                    self._training(attempts, lines) >= pending[0].at_step:  # one fault at a time
                 fault = pending.pop(0)
-                fault.at_step = self._training(attempts, lines, job)  # where it really lands
-                self.inject(fault, job)
+                fault.at_step = self._training(attempts, lines)  # where it really lands
+                self.inject(fault)
                 if fault.kind not in INTRUDERS:
                     waiting.append(fault)
             time.sleep(POLL_S)
         raise ChaosBreach(f"the job did not finish within {JOB_TIMEOUT_S} s")
 
-    def inject(self, fault: Fault, job: subprocess.Popen) -> None:
+    def inject(self, fault: Fault) -> None:
         fault.injected_at, fault.injected_mono = time.time(), time.monotonic()
-        workers = _children(job.pid, depth=1)
+        workers = _workers(self.run.root)
         log.info(f"chaos: {fault.kind} at step {fault.at_step}")
         if fault.kind == "kill" and workers:
             os.kill(random.Random(fault.at_step).choice(workers), signal.SIGKILL)
         elif fault.kind == "freeze" and workers:
             os.kill(random.Random(fault.at_step).choice(workers), signal.SIGSTOP)
         elif fault.kind == "preempt":
-            os.kill(job.pid, signal.SIGTERM)
+            self.job.preempt()
         elif fault.kind in INTRUDERS:  # the same run submitted again (another submission id), one process
             argv = [sys.executable, "-m", "gpt2.train", self.run.config, *self.run.overrides]
             env = skewed_clock(SKEW) if fault.kind == "skew" else None
             self.intruders.append((fault, self.run.start(argv, self.intruder_id(fault),
                                                          f"{fault.kind}-{fault.at_step}.log", env)))
         elif fault.kind in STORE_ACTIONS:
-            fault.log_offset = _size(self.run.root / "train.log")
+            fault.log_marks = self._log_marks()
             fault.restore_mono = float("inf")  # off from here on, even if the command fails halfway
             self._store(STORE_ACTIONS[fault.kind][0])
             fault.restore_mono = time.monotonic() + self.store_fault_s
 
     def intruder_id(self, fault: Fault) -> str:
-        return f"{self.job_id}-{fault.kind}-{fault.at_step}"
+        return f"{self.job.job_id}-{fault.kind}-{fault.at_step}"
+
+    def _log_marks(self) -> tuple[int, int]:
+        """How many storage calls failed and were retried, and how many checkpoints were saved, by
+        the job's log so far."""
+        text = self.job.log_text()
+        return text.count("; retrying in"), text.count("saved checkpoint ")
 
     def _watch_quiet(self, waiting: list[Fault], lines: list[dict]) -> None:
         """How long the job wrote no step record while a store fault was on (a save or a lease
@@ -245,10 +362,10 @@ class Chaos:
         """Bring the store back once a store fault's time is up; note what the fault did to the job."""
         if fault.restore_mono is None or (time.monotonic() < fault.restore_mono and not force):
             return
-        during = _read(str(self.run.root / "train.log"), fault.log_offset)
-        fault.retried = during.count("; retrying in")
+        retried, saved = self._log_marks()
+        fault.retried = retried - fault.log_marks[0]
         fault.note = f"no step written for {fault.quiet_s:.0f} s, {fault.retried} storage calls failed and were retried"
-        fault.log_offset = _size(self.run.root / "train.log")  # a save held by the fault may log as it comes back
+        fault.log_marks = (retried, saved)  # a save held by the fault may log as it comes back
         self._store(STORE_ACTIONS[fault.kind][1])
         fault.restore_mono = None  # only once it is back
         log.info(f"chaos: the store is back after {fault.kind} ({fault.note})")
@@ -267,12 +384,12 @@ class Chaos:
         meanwhile would hand it the run)."""
         return any(proc.poll() is None for _, proc in self.intruders)
 
-    def _training(self, attempts: list[dict], lines: list[dict], job: subprocess.Popen) -> int:
+    def _training(self, attempts: list[dict], lines: list[dict]) -> int:
         """The step the job's newest attempt has reached, once it trains with all its workers (-1
         before: a fault lands in training, so the ledger can say what it did)."""
         starts = [a["attempt"] for a in attempts if a.get("event") == "start"]
         mine = [r["step"] for r in lines if starts and r.get("attempt") == starts[-1]]
-        if not mine or len(_children(job.pid, depth=1)) != self.run.nproc:
+        if not mine or len(_workers(self.run.root)) != self.run.nproc:
             return -1
         return max(mine)
 
@@ -281,8 +398,7 @@ class Chaos:
         a store fault, once a checkpoint is saved after the store came back."""
         for fault in list(waiting):
             if fault.kind in STORE_ACTIONS:
-                done = fault.restore_mono is None and \
-                    "saved checkpoint " in _read(str(self.run.root / "train.log"), fault.log_offset)
+                done = fault.restore_mono is None and self._log_marks()[1] > fault.log_marks[1]
             else:
                 later = {a["attempt"] for a in attempts if a.get("event") == "start" and
                          a["time"] > fault.injected_at}
@@ -323,12 +439,10 @@ def _kill_run(root: Path) -> None:
             pass
 
 
-def _children(pid: int, depth: int) -> list[int]:
-    """The processes `depth` generations below `pid` (torchrun's workers: depth 1)."""
-    level = [pid]
-    for _ in range(depth):
-        level = [int(c) for p in level for c in _read(f"/proc/{p}/task/{p}/children").split()]
-    return level
+def _workers(root: Path) -> list[int]:
+    """The trainers of a run's job: the children of its torchrun agents (one per node)."""
+    agents = [p for p in _run_pids(root) if "gpt2.launch.torchrun" in _read(f"/proc/{p}/cmdline")]
+    return [int(c) for p in agents for c in _read(f"/proc/{p}/task/{p}/children").split()]
 
 
 def _read(path: str, offset: int = 0) -> str:
@@ -338,13 +452,6 @@ def _read(path: str, offset: int = 0) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def check(ref: Run, chaos: Chaos) -> list[str]:
@@ -391,7 +498,7 @@ def _ledger_breaches(chaos: Chaos) -> list[str]:
     attempts, _ = chaos.run.records()
     ends = [a for a in attempts if a.get("event") == "end"]
     starts = [a for a in attempts if a.get("event") == "start"]
-    mine = [a for a in starts if a.get("job_id") == f"job:{chaos.job_id}"]
+    mine = [a for a in starts if chaos.job.owns(a.get("job_id"))]
     finished = max((e["time"] for e in ends if e["attempt"] == mine[-1]["attempt"]), default=None) if mine else None
     breaches = []
     if len({a["attempt"] for a in starts}) != len(starts) or len(ends) != len(starts):
@@ -460,7 +567,7 @@ def report(chaos: Chaos, breaches: list[str]) -> str:
         took = f.note if f.kind in INTRUDERS else f"{took} ({f.note})" if f.note else took
         lines_out.append(f"{f.kind:12} {f.at_step:>7}  {took}")
     lines_out += goodput(attempts, lines).describe()
-    lines_out.append(f"{len(chaos.faults)} faults, {chaos.submissions} submissions: "
+    lines_out.append(f"{len(chaos.faults)} faults, {chaos.job.submissions} submissions: "
                      + ("every invariant holds" if not breaches else f"{len(breaches)} BREACHES"))
     lines_out += [f"BREACH: {b}" for b in breaches]
     return "\n".join(lines_out)
@@ -474,6 +581,12 @@ def _ensure_fresh(root: Path, checkpoints: list[str], storage_options: dict) -> 
         fs, path = filesystem(url, storage_options)
         if with_retries(lambda fs=fs, path=path: fs.exists(path), f"looking for {url}"):
             raise ConfigError(f"{url} holds an earlier run's checkpoints: remove it or choose another checkpoint.dir")
+
+
+def _absolute_data_dir(data_dir: str) -> list[str]:
+    """Both runs read the same data, wherever their processes start (a SLURM job puts a relative
+    data.dir under its run directory)."""
+    return [] if "://" in data_dir else [f"data.dir={Path(data_dir).resolve()}"]
 
 
 def _stopped(signum: int, frame: object) -> None:
@@ -504,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", type=int, default=4)
     p.add_argument("--kinds", default=None, help=f"a comma-separated subset of {','.join(KINDS)} (default: all; "
                    "the store's only with --store)")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="workers (with --launcher slurm: nodes, one CPU process each)")
+    p.add_argument("--launcher", choices=sorted(LAUNCHERS), default="torchrun",
+                   help="torchrun on this host, or a job through the SLURM launcher (gpt2.launch.slurm)")
     p.add_argument("--dir", default=None, help="where both runs write (default runs/chaos-SEED)")
     p.add_argument("--store", default=None, metavar="CMD",
                    help="a command that takes stop, start, freeze or thaw and does it to the store that "
@@ -522,15 +637,19 @@ def main(argv: list[str] | None = None) -> int:
                               f"outage ends the attempt), got {args.store_fault_s}")
         if "skew" in kinds:
             skewed_clock(SKEW)  # libfaketime is there, or say so now
+        if args.launcher == "slurm" and shutil.which("sbatch") is None:
+            raise ConfigError("--launcher slurm needs a SLURM cluster: sbatch is not on PATH (run this on a login "
+                              "node; scripts/slurm-cluster.sh up starts a local one)")
         root = Path(args.dir or f"runs/chaos-{args.seed}").resolve()
         store = cfg.checkpoint.dir if any(o.startswith("checkpoint.dir=") for o in args.overrides) else None
         if args.store and store is None:
             raise ConfigError("--store acts on the store that checkpoint.dir is on: give checkpoint.dir=URL (a "
                               "place on that store) as an override")
-        ref = Run(root / "reference", args.config, args.overrides, args.nproc, store)
-        chaos = Chaos(Run(root / "chaos", args.config, args.overrides, args.nproc, store),
+        overrides = [*args.overrides, *_absolute_data_dir(cfg.data.dir)]
+        ref = Run(root / "reference", args.config, overrides, args.nproc, store)
+        chaos = Chaos(Run(root / "chaos", args.config, overrides, args.nproc, store),
                       draw(args.seed, args.faults, cfg.train.max_steps, kinds), restarts=args.faults + 3,
-                      store_cmd=args.store, store_fault_s=args.store_fault_s)
+                      store_cmd=args.store, store_fault_s=args.store_fault_s, launcher=args.launcher)
         _ensure_fresh(root, [ref.ckpt, chaos.run.ckpt], cfg.checkpoint.storage_options)
         log.info(f"chaos: seed {args.seed}, faults {[(f.kind, f.at_step) for f in chaos.faults]}, in {root}")
         log.info("chaos: the uninterrupted reference run")

@@ -56,5 +56,5 @@ def test_faults_of_every_kind_one_after_another_and_every_invariant_holds(tmp_pa
     doctored["loss"] += 1e-6
     (run.tb / "steps.jsonl").write_text("\n".join([*lines[:-1], json.dumps(doctored)]) + "\n")
     c = Chaos(run, [Fault(**f) for f in record["faults"] if f["kind"] in ("preempt", "kill")], restarts=0)
-    c.job_id = json.loads((run.tb / "attempts.jsonl").read_text().splitlines()[0])["job_id"].removeprefix("job:")
+    c.job.job_id = json.loads((run.tb / "attempts.jsonl").read_text().splitlines()[0])["job_id"].removeprefix("job:")
     assert any(b.startswith(f"step {doctored['step']}: loss") for b in check(ref, c))

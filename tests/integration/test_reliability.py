@@ -29,10 +29,11 @@ BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint
 
 
 def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_job_completes(tmp_path):
-    """No watchdog setting is lowered: the step-based limit (20 x the slowest recent step, at least
-    60 s) finds the frozen peer, torchrun restarts the group; a worker of the restarted group frozen
-    at its first step is found at the same limit (the run's step times from before), not at the
-    600 s ceiling; the job finishes from its checkpoint."""
+    """No watchdog setting is lowered. A worker is killed (torchrun restarts the group); a worker of
+    the restarted group frozen at its first step is found at the step-based limit (20 x the slowest
+    recent step, at least 60 s; the run's step times from before), not at the 600 s ceiling, and
+    torchrun restarts the group again; the job finishes from its checkpoint. (A freeze in the middle
+    of a run: the SLURM chaos test in test_slurm.py.)"""
     extra = dict(BIGGER, **{"model.n_embd": 128, "model.n_layer": 4, "train.max_steps": 24, "checkpoint.every": 5})
     proc = popen_train(tmp_path, nproc=2, extra=extra, max_restarts=2)
     log = tmp_path / "train.log"
@@ -46,7 +47,7 @@ def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_jo
         # between saves: a save waits for its peers with the ceiling, a step with the step-based limit
         wait_until(lambda: (tmp_path / "ckpt" / "step-00000005" / "COMMITTED").exists() and max(steps(tmp_path)) >= 6,
                    "a checkpoint and a step after it", proc, log)
-        os.kill(worker_pids(proc.pid)[1], signal.SIGSTOP)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
         t0 = time.time()
         wait_until(restarted_and_stepping, "the restarted group's first step", proc, log, timeout=300)
         os.kill(worker_pids(proc.pid)[1], signal.SIGSTOP)  # within its first steps
@@ -57,14 +58,14 @@ def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_jo
     text = log.read_text()
     assert code == 0, text[-4000:]
     detected = [float(s) for s in re.findall(r"no progress for (\d+) s in phase 'training step'", text)]
-    assert len(detected) == 2 and all(FLOOR_S <= d < FLOOR_S + 10 for d in detected), text[-4000:]  # not 600 s
+    assert len(detected) == 1 and FLOOR_S <= detected[0] < FLOOR_S + 10, text[-4000:]  # not 600 s
     assert "resumed from" in text and sorted(steps(tmp_path)) == list(range(24))
     # the rank that found the hang killed its stopped peer: torchrun's teardown did not wait 30 s for it
-    assert text.count("killed this node's stopped worker(s)") == 2, text[-4000:]
-    assert took < 360, took
+    assert text.count("killed this node's stopped worker(s)") == 1, text[-4000:]
+    assert took < 240, took
     attempts = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
     reasons = [a.get("reason", "") for a in attempts if a["event"] == "end"]
-    assert sum("hung in phase 'training step'" in r or "killed" in r for r in reasons) == 2, reasons
+    assert len(reasons) == 3 and "hung in phase 'training step'" in reasons[1], reasons
     assert reasons[-1] == "finished: 24 steps"
 
 
