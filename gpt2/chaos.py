@@ -10,6 +10,9 @@ until the run trains again after the previous one):
     kill      SIGKILL of one worker (the out-of-memory killer, a lost GPU): torchrun restarts the group
     preempt   SIGTERM to the job (a preemption or an eviction): the trainers save and exit 200, and
               the job is submitted again
+    preempt-save, preempt-eval  the same, timed to land while a periodic checkpoint is being saved
+              (right after the step record before it), or while an evaluation runs (after that
+              step's save, if any); the log must show it landed there
     freeze    SIGSTOP of one worker for good (a hung GPU, a frozen node): its peer's watchdog ends
               the group with 201 after about a minute and torchrun restarts it
     second    a second submission of the same run while it trains: refused, nothing disturbed
@@ -42,6 +45,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +61,9 @@ from gpt2.storage import filesystem, with_retries
 
 log = logging.getLogger("gpt2.chaos")  # also when run as __main__
 
-KINDS = ("kill", "preempt", "freeze", "second", "skew", "store-down", "store-freeze")
+KINDS = ("kill", "preempt", "preempt-save", "preempt-eval", "freeze", "second", "skew", "store-down", "store-freeze")
+PREEMPTS = ("preempt", "preempt-save", "preempt-eval")
+BUSY_WAIT_S = 300  # at most this long for the save or evaluation a timed preemption aims at
 INTRUDERS = ("second", "skew")
 STORE_ACTIONS = {"store-down": ("stop", "start"), "store-freeze": ("freeze", "thaw")}
 # a newcomer's clock: ahead by far more than a lease's time to live, within the 15 minutes that
@@ -188,8 +194,11 @@ class LocalJob:
         """Whether a ledger record's job id is this job's."""
         return job_id == f"job:{self.job_id}"
 
+    def log_files(self) -> list[Path]:
+        return [self.run.root / "train.log"]
+
     def log_text(self) -> str:
-        return _read(str(self.run.root / "train.log"))
+        return "".join(_read(str(p)) for p in self.log_files())
 
 
 class SlurmJob:
@@ -249,8 +258,12 @@ class SlurmJob:
     def owns(self, job_id: str | None) -> bool:
         return bool(job_id) and job_id.startswith("slurm:") and job_id.endswith(f"/{self.slurm_id}")
 
+    def log_files(self) -> list[Path]:
+        """One per node and stream (submitit's), each in its own order."""
+        return sorted((self.run.root / "submitit").glob("*/*_log.*"))
+
     def log_text(self) -> str:
-        return "".join(_read(str(p)) for p in sorted((self.run.root / "submitit").glob("*/*_log.*")))
+        return "".join(_read(str(p)) for p in self.log_files())
 
 
 def _slurm(argv: list[str], check: bool = False) -> str:
@@ -271,8 +284,12 @@ class Chaos:
     """The job under faults: submitted, faulted, submitted again after each retryable exit."""
 
     def __init__(self, run: Run, faults: list[Fault], restarts: int, store_cmd: str | None = None,
-                 store_fault_s: float = STORE_FAULT_S, launcher: str = "torchrun"):
+                 store_fault_s: float = STORE_FAULT_S, launcher: str = "torchrun", save_every: int = 0,
+                 eval_every: int = 0):
+        """`save_every`, `eval_every`: the config's checkpoint.every and eval.val_every (the steps at
+        which a timed preemption can land in a save or an evaluation)."""
         self.run, self.faults = run, faults
+        self.save_every, self.eval_every = save_every, eval_every
         self.job: LocalJob | SlurmJob = LAUNCHERS[launcher](run, restarts)
         self.store_cmd, self.store_fault_s = store_cmd, store_fault_s
         self.intruders: list[tuple[Fault, subprocess.Popen]] = []
@@ -327,6 +344,8 @@ class Chaos:
             os.kill(random.Random(fault.at_step).choice(workers), signal.SIGSTOP)
         elif fault.kind == "preempt":
             self.job.preempt()
+        elif fault.kind in PREEMPTS:
+            fault.note = self._preempt_when_busy(fault)
         elif fault.kind in INTRUDERS:  # the same run submitted again (another submission id), one process
             argv = [sys.executable, "-m", "gpt2.train", self.run.config, *self.run.overrides]
             env = skewed_clock(SKEW) if fault.kind == "skew" else None
@@ -340,6 +359,39 @@ class Chaos:
 
     def intruder_id(self, fault: Fault) -> str:
         return f"{self.job.job_id}-{fault.kind}-{fault.at_step}"
+
+    def _preempt_when_busy(self, fault: Fault) -> str:
+        """Preempt the job when it next saves a periodic checkpoint (preempt-save) or evaluates
+        (preempt-eval): right after the step record before it appears, and for an evaluation after
+        that step's save too. Returns where the signal should land (`_landed` checks the log)."""
+        save = fault.kind == "preempt-save"
+        every = self.save_every if save else self.eval_every
+        if every <= 0:
+            return f"not timed: {'checkpoint.every' if save else 'eval.val_every'} is 0"
+        steps = self.run.tb / STEPS_FILE
+        offset, attempt = _size(steps), self._attempt()
+        newest = max((r["step"] for r in read_step_lines(_read(str(steps))) if r.get("attempt") == attempt),
+                     default=fault.at_step)
+        target = (newest + 1) // every * every + every  # the step count whose save/evaluation comes next
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while time.monotonic() < deadline:  # fast: a save or an evaluation of the demo takes milliseconds
+            text = _read(str(steps), offset)
+            if any(r.get("step") == target - 1 and r.get("attempt") == attempt for r in read_step_lines(text)):
+                break
+            time.sleep(0.002)
+        if not save and self.save_every and target % self.save_every == 0:  # the save comes first
+            saved = f"step-{target:08d}"
+            while time.monotonic() < deadline and not any(
+                    saved in line and "saved checkpoint" in line for line in self.job.log_text().splitlines()):
+                time.sleep(0.005)
+        self.job.preempt()
+        fault.at_step = target
+        return f"in the {'save' if save else 'evaluation'} of step {target}"
+
+    def _attempt(self) -> int | None:
+        attempts, _ = self.run.records()
+        starts = [a["attempt"] for a in attempts if a.get("event") == "start"]
+        return starts[-1] if starts else None
 
     def _log_marks(self) -> tuple[int, int]:
         """How many storage calls failed and were retried, and how many checkpoints were saved, by
@@ -445,6 +497,13 @@ def _workers(root: Path) -> list[int]:
     return [int(c) for p in agents for c in _read(f"/proc/{p}/task/{p}/children").split()]
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _read(path: str, offset: int = 0) -> str:
     try:
         with open(path, "rb") as f:
@@ -482,7 +541,37 @@ def check(ref: Run, chaos: Chaos) -> list[str]:
 
 def _not_injected(chaos: Chaos) -> list[str]:
     skipped = [f"{f.kind} at step {f.at_step}" for f in chaos.faults if f.injected_at is None]
-    return [f"faults never injected (the run ended first): {skipped}"] if skipped else []
+    missed = [f"{f.kind} at step {f.at_step} ({f.note})" for f in chaos.faults
+              if f.kind in ("preempt-save", "preempt-eval") and f.injected_at is not None and not _landed(chaos, f)]
+    return ([f"faults never injected (the run ended first): {skipped}"] if skipped else []) + \
+        ([f"timed preemptions that did not land where aimed: {missed}"] if missed else [])
+
+
+def _landed(chaos: Chaos, fault: Fault) -> bool:
+    """Whether a timed preemption's signal reached the trainers inside the save or evaluation it
+    aimed at: in the job's log, a trainer says it received the signal after the work began (after
+    the save before it, and for an evaluation after that step's own save) and before the work's
+    own line (the save's, the validation loss's)."""
+    target = fault.at_step
+
+    def saved(step: int) -> Callable[[str], bool]:
+        return lambda line: "saved checkpoint " in line and f"step-{step:08d}" in line
+
+    def evaluated(step: int) -> Callable[[str], bool]:
+        return lambda line: f"step {step}: val loss" in line
+
+    if fault.kind == "preempt-save":
+        began, done = saved(target - chaos.save_every), saved(target)
+    else:
+        saves_first = chaos.save_every and target % chaos.save_every == 0
+        began, done = saved(target) if saves_first else evaluated(target - chaos.eval_every), evaluated(target)
+    for path in chaos.job.log_files():
+        lines = _read(str(path)).splitlines()
+        end = next((i for i, line in enumerate(lines) if done(line)), None)
+        if end is not None:
+            start = max((i for i, line in enumerate(lines[:end]) if began(line)), default=-1)
+            return any("received SIG" in line for line in lines[start + 1:end])
+    return False
 
 
 def _lineage_breaches(run: Run) -> list[str]:
@@ -508,6 +597,8 @@ def _ledger_breaches(chaos: Chaos) -> list[str]:
         breaches.append("an attempt of another submission is in the ledger while the job ran")
     expected = {"kill": lambda e: e.get("exit_code") != EXIT_OK,
                 "preempt": lambda e: e.get("exit_code") == EXIT_PREEMPTED,
+                "preempt-save": lambda e: e.get("exit_code") == EXIT_PREEMPTED,
+                "preempt-eval": lambda e: e.get("exit_code") == EXIT_PREEMPTED,
                 "freeze": lambda e: e.get("exit_code") == EXIT_HUNG or e.get("inferred")}
     for fault in chaos.faults:
         if fault.kind in expected and fault.injected_at is not None:
@@ -595,7 +686,9 @@ def _stopped(signum: int, frame: object) -> None:
 
 def _kinds(args: argparse.Namespace) -> list[str]:
     """The fault kinds to draw from, checked."""
-    usable = [k for k in KINDS if args.store or k not in STORE_ACTIONS]
+    timed = ("preempt-save", "preempt-eval")
+    usable = [k for k in KINDS if (args.store or k not in STORE_ACTIONS) and
+              (args.launcher != "slurm" or k not in timed)]
     if args.kinds is None and not _libfaketime():
         log.warning("chaos: no skew faults: libfaketime is not installed (Debian: apt-get install faketime)")
         usable.remove("skew")
@@ -603,6 +696,9 @@ def _kinds(args: argparse.Namespace) -> list[str]:
     if not kinds or set(kinds) - set(KINDS) or args.faults < 0 or args.nproc < 1:
         raise ConfigError(f"--kinds must be a comma-separated subset of {','.join(KINDS)} (got {args.kinds!r}), "
                           f"--faults 0 or more, --nproc 1 or more")
+    if args.launcher == "slurm" and set(kinds) & set(timed):
+        raise ConfigError("preempt-save and preempt-eval need --launcher torchrun: where the signal landed is read "
+                          "from the order of one log, and SLURM's logs split stdout from stderr (use preempt)")
     if set(kinds) - set(usable):
         raise ConfigError(f"the faults {sorted(set(kinds) - set(usable))} need --store CMD (a command that stops, "
                           "starts, freezes and thaws the store checkpoint.dir is on)")
@@ -649,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = Run(root / "reference", args.config, overrides, args.nproc, store)
         chaos = Chaos(Run(root / "chaos", args.config, overrides, args.nproc, store),
                       draw(args.seed, args.faults, cfg.train.max_steps, kinds), restarts=args.faults + 3,
-                      store_cmd=args.store, store_fault_s=args.store_fault_s, launcher=args.launcher)
+                      store_cmd=args.store, store_fault_s=args.store_fault_s, launcher=args.launcher,
+                      save_every=cfg.checkpoint.every, eval_every=cfg.eval.val_every)
         _ensure_fresh(root, [ref.ckpt, chaos.run.ckpt], cfg.checkpoint.storage_options)
         log.info(f"chaos: seed {args.seed}, faults {[(f.kind, f.at_step) for f in chaos.faults]}, in {root}")
         log.info("chaos: the uninterrupted reference run")

@@ -13,6 +13,7 @@ from gpt2 import chaos
     (["--store", "true", "--store-fault-s", "600"], "--store-fault-s must be above 0 and below checkpoint.outage_s"),
     (["--store", "true", "--store-fault-s", "0"], "--store-fault-s must be above 0"),
     (["--store", "true"], "give checkpoint.dir=URL"),
+    (["--launcher", "slurm", "--kinds", "kill,preempt-save"], "preempt-save and preempt-eval need --launcher torchrun"),
 ])
 def test_bad_inputs_are_refused_with_the_fix(args, message, tmp_path, caplog):
     assert chaos.main(["configs/demo.yaml", *args, "--dir", str(tmp_path)]) == 2
@@ -70,3 +71,28 @@ def test_a_second_submission_counts_as_refused_only_by_the_leases_words(tmp_path
     assert chaos._intruder_breaches(c, [(fault, 1)], []) == [] and fault.note == "refused, run undisturbed"
     admitted = [{"event": "start", "job_id": f"job:{c.intruder_id(fault)}", "time": 0.0}]
     assert any("has an attempt in the ledger" in b for b in chaos._intruder_breaches(c, [(fault, 1)], admitted))
+
+
+def timed(tmp_path, kind: str, at: int, log: str) -> tuple[chaos.Chaos, chaos.Fault]:
+    run = chaos.Run(tmp_path / "chaos", "configs/demo.yaml", [], 2)
+    run.root.mkdir(parents=True)
+    (run.root / "train.log").write_text(log)
+    fault = chaos.Fault(kind, at, injected_at=1000.0)
+    return chaos.Chaos(run, [fault], restarts=0, save_every=25, eval_every=100), fault
+
+
+SAVE = "saved checkpoint /x/ckpt/step-{:08d} (0.5 MB in 0.0s)\n"
+SIGNAL = "warning: received SIGTERM: saving a checkpoint after this step\n"
+
+
+def test_a_timed_preemption_counts_only_when_its_signal_came_inside_the_work(tmp_path):
+    inside = timed(tmp_path / "a", "preempt-save", 150, SAVE.format(125) + SIGNAL + SAVE.format(150) + SAVE.format(151))
+    assert chaos._landed(*inside) and chaos._not_injected(inside[0]) == []
+    late = timed(tmp_path / "b", "preempt-save", 150, SAVE.format(125) + SAVE.format(150) + SIGNAL + SAVE.format(151))
+    assert not chaos._landed(*late)
+    assert "timed preemptions that did not land where aimed" in chaos._not_injected(late[0])[0]
+    # an evaluation at a step that also saves: the signal after that save, before the validation loss
+    in_eval = timed(tmp_path / "c", "preempt-eval", 400, SAVE.format(400) + SIGNAL + "step 400: val loss 2.6\n")
+    assert chaos._landed(*in_eval)
+    in_save = timed(tmp_path / "d", "preempt-eval", 400, SIGNAL + SAVE.format(400) + "step 400: val loss 2.6\n")
+    assert not chaos._landed(*in_save)
