@@ -109,9 +109,10 @@ def abort() -> None:
 
 
 def end_stopped_local_peers() -> list[int]:
-    """SIGKILL this node's other workers of the same torchrun group that are stopped (SIGSTOP, a
-    frozen cgroup); returns their pids. Called when this rank exits for a hang: torchrun's teardown
-    sends SIGTERM and waits 30 s before SIGKILL, and a stopped process never answers SIGTERM."""
+    """SIGKILL this node's other workers of the same torchrun group that are stopped (SIGSTOP; a
+    frozen cgroup shows another state and is left alone); returns their pids. Called when this rank
+    exits for a hang: torchrun's teardown sends SIGTERM and waits 30 s before SIGKILL, and a stopped
+    process never answers SIGTERM."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
         return []
@@ -247,12 +248,15 @@ class Liveness:
                     break
                 counts, now = store.multi_get(alive_keys), time.monotonic()
                 failing_since = None
-            except Exception as err:  # refused or reset: the store's host, rank 0, is gone (or cut off)
-                failing_since = failing_since or time.monotonic()
+            except Exception as err:  # refused or reset: rank 0, the store's host, is gone (or our link to it)
+                if failing_since is None:
+                    failing_since = time.monotonic()
                 if time.monotonic() - failing_since >= STALE_S:  # as a rank whose heartbeat stopped
-                    raise GroupLost(f"the process group's store (rank 0's host) has failed every call for "
-                                    f"{STALE_S:g} s ({type(err).__name__}: {err}): rank 0 is gone; this rank exits so "
-                                    "that the group restarts from the last checkpoint") from err
+                    # the client does not reconnect: either way this rank can no longer take part
+                    raise GroupLost(f"every call to the process group's store (on rank 0's host) has failed for "
+                                    f"{STALE_S:g} s ({type(err).__name__}: {err}): rank 0 is gone, or this rank's "
+                                    "connection to it broke; this rank exits so that the group restarts from the "
+                                    "last checkpoint") from err
                 time.sleep(POLL_S)
                 continue
             if len(last) != len(counts):

@@ -31,34 +31,35 @@ def exit_code_of(failure_code: int) -> int:
     return failure_code or EXIT_ERROR
 
 
-def kill_stopped_workers_before_a_restart() -> None:
-    """Make torchrun's restart teardown SIGKILL its stopped workers at once.
+def kill_stopped_workers_first() -> None:
+    """Make torchrun SIGKILL its stopped workers before it stops the others.
 
-    When the group restarts (a peer failed, a node left or joined), each agent stops its workers
-    with SIGTERM and waits 30 s, hard-coded (`LocalElasticAgent._stop_workers`; the environment's
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT applies only to stop signals), before SIGKILL. A stopped worker
-    (SIGSTOP, a frozen cgroup) never answers, and on a node other than the rank that found the hang
-    (which kills its own node's stopped peers) it cost every restart those 30 s. A stopped worker
-    could not save anyway.
+    Whenever torchrun stops its workers (a worker failed on this node, the group restarts for a
+    peer on another node, or a stop signal came), it sends SIGTERM and waits for them: 30 s,
+    hard-coded, on a failure or a restart (TORCH_ELASTIC_SHUTDOWN_TIMEOUT on a stop signal), then
+    SIGKILL. A stopped worker (SIGSTOP) never answers SIGTERM and could not save anyway, so it is
+    killed at once. (A worker in a frozen cgroup is not stopped in this sense: it is left to the wait.)
     """
-    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
 
     from gpt2.distributed import kill_stopped  # imports torch: only where torchrun runs
 
-    stop_workers = LocalElasticAgent._stop_workers
-    if getattr(stop_workers, "kills_stopped", False):
+    close = PContext.close
+    if getattr(close, "kills_stopped", False):
         return
 
-    def _stop_workers(self: LocalElasticAgent, worker_group: object) -> None:
-        pcontext = getattr(self, "_pcontext", None)
-        if pcontext is not None:
-            killed = kill_stopped(pcontext.pids().values())
-            if killed:
-                log.warning(f"killed stopped worker(s) {killed} at once: a stopped process never answers SIGTERM")
-        stop_workers(self, worker_group)
+    def close_killing_stopped_first(self: PContext, *args: object, **kwargs: object) -> None:
+        try:
+            pids = list(self.pids().values())
+        except Exception:  # no processes started yet
+            pids = []
+        killed = kill_stopped(pids)
+        if killed:
+            log.warning(f"killed stopped worker(s) {killed} at once: a stopped process never answers SIGTERM")
+        close(self, *args, **kwargs)
 
-    _stop_workers.kills_stopped = True  # type: ignore[attr-defined]
-    LocalElasticAgent._stop_workers = _stop_workers  # type: ignore[method-assign]
+    close_killing_stopped_first.kills_stopped = True  # type: ignore[attr-defined]
+    PContext.close = close_killing_stopped_first  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", TRAINER_ENV["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    kill_stopped_workers_before_a_restart()
+    kill_stopped_workers_first()
     try:
         run(args)
     except SignalException as err:

@@ -9,11 +9,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from conftest import run_cli, shared_file, tiny_overrides
+from conftest import REPO, run_cli, shared_file, tiny_overrides
 from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
@@ -268,3 +269,29 @@ def test_goodput_counts_each_step_once_and_the_work_a_kill_lost(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("goodput/goodput")] == [resumed]  # the run so far, at the restart
+
+
+STOPPED_PEER = r"""
+import os, signal, sys, time
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    if os.environ["LOCAL_RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen for good
+    time.sleep(2)
+    sys.exit(1)  # its peer fails: torchrun stops the group and restarts it
+print("restarted", flush=True)
+"""
+
+
+def test_torchrun_kills_a_stopped_worker_at_once_instead_of_waiting_30_s(tmp_path):
+    """torchrun stops a group whose worker failed with SIGTERM and a hard-coded 30 s wait before
+    SIGKILL; a stopped worker never answers. gpt2.launch.torchrun kills it first."""
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPED_PEER)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "gpt2.launch.torchrun", "--standalone", "--nproc-per-node=2",
+                        "--max-restarts=1", "--monitor-interval=0.5", str(script)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    took = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and out.count("restarted") == 2, out[-3000:]
+    assert "killed stopped worker(s)" in out and took < 25, (took, out[-3000:])
