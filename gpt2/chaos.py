@@ -210,6 +210,7 @@ class SlurmJob:
         self.run, self.restarts = run, restarts
         self.slurm_id = ""
         self._next_poll = 0.0
+        self._sacct_failures = 0
 
     @property
     def job_id(self) -> str:
@@ -228,12 +229,17 @@ class SlurmJob:
                 *self.run.overrides, f"launch.max_restarts={self.restarts}"]
         env = {k: v for k, v in os.environ.items() if k != "GPT2_JOB_ID"}  # its job id is SLURM's
         env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=STORE_CMD_TIMEOUT_S)
-        found = re.search(r"submitted job (\d+)", r.stdout)
+        # a stop (SIGINT, SIGTERM) waits until the job's id is known, so that cancel() can cancel it
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=STORE_CMD_TIMEOUT_S)
+            found = re.search(r"submitted job (\d+)", r.stdout)
+            self.slurm_id = found.group(1) if found else ""
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if r.returncode != 0 or not found:
             raise ChaosBreach(f"the SLURM launcher did not submit the job (exit {r.returncode}): "
                               f"{(r.stdout + r.stderr)[-800:]}")
-        self.slurm_id = found.group(1)
         log.info(f"chaos: SLURM job {self.slurm_id}")
 
     def poll(self) -> int | None:
@@ -241,7 +247,14 @@ class SlurmJob:
         if time.monotonic() < self._next_poll:  # the accounting database, not 5 times a second
             return None
         self._next_poll = time.monotonic() + SLURM_POLL_S
-        state = _slurm(["sacct", "-X", "-n", "-j", self.slurm_id, "-o", "State"]).split()
+        try:
+            state = _slurm(["sacct", "-X", "-n", "-j", self.slurm_id, "-o", "State"], check=True).split()
+            self._sacct_failures = 0
+        except ChaosBreach:  # a busy controller now and then; for a minute, the accounting is not there
+            self._sacct_failures += 1
+            if self._sacct_failures * SLURM_POLL_S >= 60:
+                raise
+            return None
         if not state or state[0] not in SLURM_ENDED:
             return None
         return EXIT_OK if state[0] == "COMPLETED" else 1
@@ -479,7 +492,7 @@ def _libfaketime() -> str | None:
 def _run_pids(root: Path) -> list[int]:
     """The processes of a run: those whose command line names its directory (torchrun starts each
     worker in a session of its own, so no process group has them all)."""
-    return [p for p in _pids() if str(root) in _read(f"/proc/{p}/cmdline").replace("\0", " ")]
+    return [p for p in _pids() if f"{root}/" in _read(f"/proc/{p}/cmdline")]  # not /x/chaos2 for /x/chaos
 
 
 def _kill_run(root: Path) -> None:
