@@ -13,19 +13,22 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from gpt2.errors import StorageError, StorageFull, StorageUnavailable
 
+if TYPE_CHECKING:
+    from gpt2.watchdog import Work
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A full disk, a quota, a read-only file system: not transient
 PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # a storage call without an answer for this long says so, and again every as long: a hung store
-# shows itself (each call still ends by its own timeout, e.g. s3fs's 15 s read timeout and retries)
+# shows itself (a call may never end: s3fs against a frozen S3 server gave no answer in 12 minutes)
 SLOW_CALL_S = 10.0
 
 
@@ -115,13 +118,15 @@ class _Call:
 class _InFlight:
     """The storage calls in flight in this process, watched by one daemon thread (started with the
     first call) that says which has waited SLOW_CALL_S without an answer. No thread per call: a call
-    costs microseconds, and a process short of memory can still make it."""
+    costs microseconds, and a process short of memory can still make it. A thread that reports to
+    a `Work` (`reporting_to`) moves it at each call's end and each chunk, and allows each call as
+    long as its allowance says."""
 
     def __init__(self) -> None:
         self.calls: dict[int, _Call] = {}
         self.lock = threading.Lock()
         self.watcher: threading.Thread | None = None
-        self.local = threading.local()  # this thread's call in flight, for `heard`
+        self.local = threading.local()  # this thread's call in flight (for `heard`) and its Work, if any
 
     @contextlib.contextmanager
     def call(self, what: str) -> Iterator[None]:
@@ -131,8 +136,10 @@ class _InFlight:
         with self.lock:
             self.calls[id(call)] = call
             self._ensure_watcher()
+        report = getattr(self.local, "report", None)
         try:
-            yield
+            with report[0].allowing(report[1]()) if report else contextlib.nullcontext():
+                yield
         finally:
             with self.lock:
                 del self.calls[id(call)]
@@ -142,6 +149,17 @@ class _InFlight:
         call = getattr(self.local, "call", None)
         if call is not None:
             call.heard_at = time.monotonic()
+        report = getattr(self.local, "report", None)
+        if report is not None:
+            report[0].moved()
+
+    @contextlib.contextmanager
+    def reporting_to(self, work: Work, allowed: Callable[[], float]) -> Iterator[None]:
+        outer, self.local.report = getattr(self.local, "report", None), (work, allowed)
+        try:
+            yield
+        finally:
+            self.local.report = outer
 
     def _ensure_watcher(self) -> None:
         if self.watcher is None or not self.watcher.is_alive():
@@ -161,7 +179,7 @@ class _InFlight:
                 for call in due:
                     call.said_at = now
             for call in due:
-                log.warning("%s: no answer for %.0f s; still waiting (the call ends at its own timeout)", call.what,
+                log.warning("%s: no answer for %.0f s; still waiting", call.what,
                             now - call.heard_at)
 
 
@@ -171,6 +189,13 @@ _in_flight = _InFlight()
 def heard() -> None:
     """A chunk of a long transfer went through: the storage answers (no notice of waiting)."""
     _in_flight.heard()
+
+
+def reporting_to(work: Work, allowed: Callable[[], float]) -> contextlib.AbstractContextManager[None]:
+    """This thread's storage calls (`with_retries`) report to `work` (gpt2.watchdog.Work), which a
+    phase of the main thread follows: a call's end and each chunk it moves are moves, and a call may
+    go `allowed()` seconds (read as it starts) without one before the process counts as stuck."""
+    return _in_flight.reporting_to(work, allowed)
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any], None]) -> None:

@@ -29,7 +29,6 @@ from gpt2.config import CheckpointConfig, Config, ConfigError, cli_config, grad_
 from gpt2.data import ReadAhead, build_loaders, row_hash, to_device
 from gpt2.errors import (
     EXIT_ERROR,
-    EXIT_HUNG,
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_STORAGE,
@@ -485,7 +484,7 @@ def run(cfg: Config) -> int:
 
     def hung(phase_name: str) -> None:  # the watchdog's record before it exits the process
         if trainer is not None:
-            trainer.record_end(EXIT_HUNG, f"hung in phase '{phase_name}'")
+            trainer.record_end(watchdog.exit_code, f"hung in phase '{phase_name}': {watchdog.cause}")
 
     def end_stopped_peers() -> None:  # its last act (/proc only: nothing that can hang)
         stopped = distributed.end_stopped_local_peers()

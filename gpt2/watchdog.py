@@ -10,8 +10,13 @@ timeout). The watchdog waits for progress, not for steps:
 * a long phase (evaluation, a checkpoint save or load, waiting for or preparing data, compiling)
   is named with `with phase(name):` and beats from inside its loops (`beat()` per batch or
   example group); between beats the same limit applies, so an evaluation many times longer than
-  a step is fine as long as it moves; a phase that cannot beat from inside (one save, one load,
-  compilation) is `phase(name, ceiling=True)` and gets the ceiling;
+  a step is fine as long as it moves;
+* a phase that waits for `Work` done in any thread (a checkpoint save: its chunks and storage
+  calls) is `phase(name, follows=work)`: the work's moves are progress, and one call of it that
+  cannot report progress is waited for as long as it is allowed (`Work.allowing`: for a storage
+  call, its own timeouts plus its bytes at the slowest rate that counts as moving);
+* a phase that cannot report progress at all (compilation, the start-up) is
+  `phase(name, ceiling=True)` and gets the ceiling;
 * before MIN_TIMED steps have been timed after a (re)start (unless the step times of the run's
   previous attempt are known: then those count from the first step), and for the ceiling phases,
   the limit is `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the
@@ -19,8 +24,9 @@ timeout). The watchdog waits for progress, not for steps:
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
 thread's stack, calls `on_hang` (the attempt record) and `before_exit`, then exits the process with
-EXIT_HUNG: torchrun restarts the group (or SLURM/Kubernetes the job), which resumes from the last
-checkpoint. A thread that fails meanwhile (a peer's death ends its collective) yields to that exit.
+EXIT_HUNG (for a call that outlasted its allowance: its `Work`'s code): torchrun restarts the group
+(or SLURM/Kubernetes the job), which resumes from the last checkpoint. A thread that fails
+meanwhile (a peer's death ends its collective) yields to that exit.
 
 A process that was suspended as a whole (SIGSTOP, a frozen VM) is not hung: its watchdog thread
 did not run either. When the watchdog's own polls are SUSPENDED_S apart, it says so and starts
@@ -53,6 +59,43 @@ SUSPENDED_S = 10.0  # a gap this long between the watchdog's own polls (1 s apar
 _active: Watchdog | None = None  # the watchdog of this process while one is running (`with Watchdog(...)`)
 
 
+class Work:
+    """The progress of one piece of work that the main thread waits for (a checkpoint save), in
+    whatever thread does it: `moved()` when it moves (a chunk written, a storage call that ended),
+    and `allowing(s)` around one call that cannot report progress but may take up to s seconds. A
+    phase that `follows` it counts its moves as progress and waits for such a call as allowed.
+    `overdue` says what a call that outlasts its allowance means, and `code` is the exit code then."""
+
+    def __init__(self, overdue: str = "a call that cannot report progress outlasted its allowance",
+                 code: int = EXIT_HUNG) -> None:
+        self.overdue, self.code = overdue, code
+        self.moved_at = time.monotonic()
+        self._allowed: list[float] = []
+        self._lock = threading.Lock()
+
+    def moved(self) -> None:
+        self.moved_at = time.monotonic()
+
+    @contextmanager
+    def allowing(self, seconds: float) -> Iterator[None]:
+        """One call that may take up to `seconds` without a move (its start and its end are moves)."""
+        self.moved()
+        with self._lock:
+            self._allowed.append(seconds)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._allowed.remove(seconds)
+            self.moved()
+
+    @property
+    def allowed_s(self) -> float:
+        """How long the calls in flight may go without a move (0: none in flight)."""
+        with self._lock:
+            return max(self._allowed, default=0.0)
+
+
 class Watchdog:
     """Watches one process. `where()` says which rank and step, for the message."""
 
@@ -62,11 +105,13 @@ class Watchdog:
                  before_exit: Callable[[], None] = lambda: None):
         self.ceiling_s, self.where, self.on_hang, self._exit = ceiling_s, where, on_hang, exit
         self.before_exit = before_exit
-        self.fired = threading.Event()  # a hang was declared: the process is on its way out with EXIT_HUNG
+        self.fired = threading.Event()  # a hang was declared: the process is on its way out with `exit_code`
+        self.exit_code, self.cause = EXIT_HUNG, ""  # set when a hang is declared
         self.floor_s, self.factor = floor_s, factor
         self.recent: deque[float] = deque(maxlen=recent)
         self.phase_name = "start-up"
         self._ceiling_phase = True
+        self._follows: Work | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -104,15 +149,23 @@ class Watchdog:
         return min(self.ceiling_s, max(self.floor_s, self.factor * max(self.recent)))
 
     @contextmanager
-    def phase(self, name: str, ceiling: bool = False) -> Iterator[None]:
-        previous = self.phase_name, self._ceiling_phase
-        self.phase_name, self._ceiling_phase = name, ceiling or self._ceiling_phase
+    def phase(self, name: str, ceiling: bool = False, follows: Work | None = None) -> Iterator[None]:
+        previous = self.phase_name, self._ceiling_phase, self._follows
+        self.phase_name, self._ceiling_phase, self._follows = name, ceiling or self._ceiling_phase, follows
         self.beat()
         try:
             yield
         finally:
-            self.phase_name, self._ceiling_phase = previous
+            self.phase_name, self._ceiling_phase, self._follows = previous
             self.beat()
+
+    def _idle_and_limit(self, now: float) -> tuple[float, float, bool]:
+        """(seconds without progress, the limit now, whether a call of the followed work is in flight)."""
+        work, limit = self._follows, self.limit_s
+        if work is None:
+            return now - self._last, limit, False
+        allowed = work.allowed_s
+        return now - max(self._last, work.moved_at), max(limit, allowed), allowed > 0
 
     def steps(self, before: Sequence[float] = ()) -> None:
         """From now on the steps' own limit applies (called once the start-up is over). `before`:
@@ -131,9 +184,9 @@ class Watchdog:
                             "not counted as a hang")
                 self.beat()
             polled = now
-            idle, limit = now - self._last, self.limit_s
+            idle, limit, in_call = self._idle_and_limit(now)
             if idle > limit:
-                self._fire(idle, limit)
+                self._fire(idle, limit, in_call)
                 return
 
     def yield_to_hang_exit(self) -> None:
@@ -142,14 +195,18 @@ class Watchdog:
         if self.fired.is_set():
             time.sleep(RECORD_DEADLINE_S + 10)
 
-    def _fire(self, idle: float, limit: float) -> None:
+    def _fire(self, idle: float, limit: float, in_call: bool = False) -> None:
         self.fired.set()
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = "\n".join(f"Thread {names.get(ident, ident)}:\n{''.join(traceback.format_stack(frame))}"
                            for ident, frame in sys._current_frames().items())
+        work = self._follows if in_call else None  # the call in flight is the cause
+        code = work.code if work is not None else EXIT_HUNG
+        cause = work.overdue if work is not None else "a peer is frozen or a collective or a read hangs"
         log.error(f"no progress for {idle:.0f} s in phase '{self.phase_name}' ({self.where()}; limit {limit:.0f} s: "
-                  f"{self._why(limit)}): a peer is frozen or a collective or a read hangs. Exiting with {EXIT_HUNG} "
-                  f"so that the job restarts from its last checkpoint. Stacks of this process:\n{stacks}")
+                  f"{self._why(limit, in_call)}): {cause}. Exiting with {code} so that the job restarts from its "
+                  f"last checkpoint. Stacks of this process:\n{stacks}")
+        self.exit_code, self.cause = code, cause
         # the record is best effort under a deadline: the storage it goes to may be what hangs
         recorder = threading.Thread(target=self._record, name="gpt2-hang-record", daemon=True)
         recorder.start()
@@ -162,7 +219,7 @@ class Watchdog:
             log.error(f"before exiting: {type(err).__name__}: {err}")
         for handler in logging.getLogger("gpt2").handlers:
             handler.flush()
-        self._exit(EXIT_HUNG)
+        self._exit(code)
 
     def _record(self) -> None:
         try:
@@ -170,7 +227,9 @@ class Watchdog:
         except Exception as err:  # the exit matters more than the record
             log.error(f"could not record the hang: {err}")
 
-    def _why(self, limit: float) -> str:
+    def _why(self, limit: float, in_call: bool = False) -> str:
+        if in_call:
+            return "what the call in flight was allowed, or the step-based limit if longer"
         if limit >= self.ceiling_s:
             return f"train.hang_timeout_s={self.ceiling_s:g}"
         return (f"{self.factor:g} x the slowest of the last {len(self.recent)} steps ({max(self.recent):.2f} s), "
@@ -186,10 +245,11 @@ def beat() -> None:
 
 
 @contextmanager
-def phase(name: str, ceiling: bool = False) -> Iterator[None]:
-    """Name what the process does now, for the limit and the message; a no-op without a watchdog."""
-    if _active is None:
+def phase(name: str, ceiling: bool = False, follows: Work | None = None) -> Iterator[None]:
+    """Name what the process does now, for the limit and the message (`follows`: the work this
+    phase waits for, see `Work`); a no-op without a watchdog."""
+    if _active is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    with _active.phase(name, ceiling):
+    with _active.phase(name, ceiling, follows):
         yield

@@ -4,8 +4,8 @@
 #   bash scripts/test.sh -k data -x      # extra arguments go to pytest
 # Needs Debian with Python >= 3.10; as root it also starts the local SLURM cluster and a local
 # Kubernetes (scripts/k8s-cluster.sh; about 10 minutes to build the first time) and installs
-# buildah/debootstrap for the container test and faketime for the skewed-clock tests. Tests read
-# ../shared/data (see its SOURCES.md).
+# buildah/debootstrap for the container test, faketime for the skewed-clock tests and bindfs (FUSE)
+# for a hanging checkpoint directory. Tests read ../shared/data (see its SOURCES.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ]; then
     need=()
-    for tool in buildah debootstrap faketime; do command -v "$tool" >/dev/null || need+=("$tool"); done
+    for tool in buildah debootstrap faketime bindfs; do command -v "$tool" >/dev/null || need+=("$tool"); done
     if ((${#need[@]})); then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     fi

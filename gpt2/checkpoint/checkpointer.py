@@ -4,7 +4,9 @@ the storage, `Lease` (gpt2.checkpoint.lease) says who may write, `Lineage` which
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +20,9 @@ from gpt2.checkpoint.lease import Lease
 from gpt2.checkpoint.lineage import Lineage, read_lineage, write_lineage
 from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
-from gpt2.errors import CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
-from gpt2.storage import ensure_directory
-from gpt2.watchdog import beat, phase
+from gpt2.errors import EXIT_STORAGE, CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
+from gpt2.storage import ensure_directory, reporting_to
+from gpt2.watchdog import Work, phase
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +224,24 @@ class Checkpointer:
             ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        # a save's progress, in whichever thread writes it: the saving phase follows it, so a save
+        # that stops moving outside a storage call (a stuck copy) is found at the step-based limit,
+        # and a storage call without an answer is waited for as an outage is (checkpoint.outage_s)
+        self._work = Work(f"checkpoint.dir {cfg.dir} has not answered within checkpoint.outage_s ({cfg.outage_s} s, "
+                          "counted from the lease's last renewal); check that storage. A later attempt resumes from "
+                          "the last checkpoint", EXIT_STORAGE)
+
+    def _outage_left(self) -> float:
+        """What a storage call of a save may wait for an answer: until the outage limit."""
+        deadline = self.store.deadline() if self.store.deadline is not None else math.inf
+        return min(deadline - time.monotonic(), float(self.cfg.outage_s))
+
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
+        """The phase of a save in the main thread, following the save's work (its own or the thread's)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(phase("checkpoint save", follows=self._work))
+        stack.enter_context(reporting_to(self._work, self._outage_left))
+        return stack
 
     def restore(self, point: ResumePoint) -> None:
         """Load the checkpoint at `point` (`plan_resume`) into the parts, on every rank."""
@@ -245,7 +265,7 @@ class Checkpointer:
         if step % self.cfg.every:
             return
         t0 = time.monotonic()
-        with phase("checkpoint save", ceiling=True):
+        with self._saving():
             for attempt in (self.wait, lambda: self.save(step, blocking=not self.cfg.async_save)):
                 try:
                     attempt()
@@ -270,13 +290,14 @@ class Checkpointer:
             self.lease.mark_stopping()
         t0 = time.monotonic()
         try:
-            self.wait()
+            with self._saving():
+                self.wait()
         except LeaseLost:
             raise
         except Exception as err:  # this save supersedes the failed one
             log.error("CHECKPOINT SAVE FAILED: %s", err)
         try:
-            with phase("checkpoint save", ceiling=True):
+            with self._saving():
                 self.save(step, blocking=True)
         except LeaseLost:
             raise
@@ -302,8 +323,8 @@ class Checkpointer:
         meta = dict(self.describe(step), lineage=self.lineage.record())
         if self.lease is not None:
             meta["writer"] = self.lease.describe()
-        if blocking:  # every chunk written is progress (not in the background: training is that)
-            self._write(state, step, meta, progress=beat)
+        if blocking:  # its storage calls and chunks report to the save's work (`_saving`)
+            self._write(state, step, meta)
             return
         self._thread = threading.Thread(target=self._write_in_thread, args=(state, step, meta),
                                         name=f"checkpoint-{step}", daemon=True)
@@ -313,18 +334,17 @@ class Checkpointer:
         if self.lease is not None:
             self.lease.fence()
 
-    def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any],
-               progress: Callable[[], None] | None = None) -> None:
+    def _write(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
         try:
-            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns,
-                             progress=progress)
+            self.store.write(state, step, meta, writer=self.writer, fence=self._fence, owns=self.lineage.owns)
         except LeaseLost:
             log.error(f"abandoned the save of step {step}: this trainer was superseded (nothing was committed)")
             raise
 
     def _write_in_thread(self, state: dict[str, Any], step: int, meta: dict[str, Any]) -> None:
         try:
-            self._write(state, step, meta)
+            with reporting_to(self._work, self._outage_left):
+                self._write(state, step, meta)
         except BaseException as err:  # raised by wait()
             self._error = err
 
@@ -338,7 +358,7 @@ class Checkpointer:
             self._thread = None
             raise LeaseLost(f"{self.lease.lost}; its save in flight is abandoned")  # type: ignore[union-attr]
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join()  # in a phase that follows the thread's work (or the ceiling's, when finishing)
             self._thread = None
         err, self._error = self._error, None
         if err is not None:

@@ -118,7 +118,9 @@ class CheckpointStore:
             try:
                 meta = read_meta(url, self.storage_options, self.retries, self.deadline)
             except CheckpointError as err:
-                if self.fs.exists(join(path, MARKER)):  # no marker: a save that did not finish, not worth a word
+                marked = with_retries(lambda p=path: self.fs.exists(join(p, MARKER)), f"checking {url}/{MARKER}",
+                                      self.retries, deadline=self.deadline)
+                if marked:  # no marker: a save that did not finish, not worth a word
                     log.warning("ignoring %s: %s", url, err)
                     damaged.append(url)
                 continue
@@ -174,7 +176,7 @@ class CheckpointStore:
 
     def _remove(self, path: str) -> None:
         try:
-            self.fs.rm(path)
+            with_retries(lambda: self.fs.rm(path), f"removing {path}", 0, deadline=self.deadline)
         except Exception as err:  # best effort: pruning removes it later
             log.debug("could not remove %s: %s", path, err)
 
@@ -196,7 +198,8 @@ class CheckpointStore:
                 except (StorageError, OSError) as err:
                     log.warning("could not delete old checkpoint %s: %s", path, err)
             elif step in named and step != keep_step:
-                for f in self.fs.ls(path, detail=False):
+                for f in with_retries(lambda p=path: self.fs.ls(p, detail=False), f"listing {path}", self.retries,
+                                      deadline=self.deadline):
                     name = f.rstrip("/").rsplit("/", 1)[-1]
                     if _STATE.match(name) and name != named[step]:
                         self._remove(f)

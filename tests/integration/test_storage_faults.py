@@ -1,7 +1,7 @@
 """Storage faults with real injectors and the shipped defaults: a full disk (a small tmpfs), a host
 memory limit during a load (prlimit), a ledger write that hangs while a hang is being reported (a
-FIFO nobody reads). Each test asserts what a user sees: the exit code, one message, and that nothing
-good was moved aside or lost."""
+FIFO nobody reads), a checkpoint directory that hangs in a save (a FUSE daemon frozen). Each test
+asserts what a user sees: the exit code, one message, and that nothing good was moved aside or lost."""
 
 from __future__ import annotations
 
@@ -130,6 +130,70 @@ def test_a_hang_is_reported_and_the_process_is_gone_even_when_its_record_hangs(t
     assert re.search(rf"exit(ed)? (with|code) {EXIT_HUNG}|Exiting with {EXIT_HUNG}", text), text[-3000:]
 
 
+@pytest.fixture
+def hanging_dir(tmp_path):
+    """A directory through bindfs (FUSE) and its daemon: SIGSTOP of the daemon makes every call there
+    wait for good, as on an NFS server gone behind a hard mount. Thawed and unmounted afterwards."""
+    need_root()
+    if shutil.which("bindfs") is None:
+        pytest.fail("bindfs is missing (scripts/test.sh installs it)") if IN_CI else pytest.skip("bindfs is missing")
+    under, path = tmp_path / "under", tmp_path / "hanging"
+    under.mkdir()
+    path.mkdir()
+    daemon = subprocess.Popen(["bindfs", "-f", str(under), str(path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: os.path.ismount(path), "the bindfs mount", daemon, timeout=20)
+        yield path, daemon.pid
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        subprocess.run(["fusermount", "-u", "-z", str(path)], capture_output=True)
+        daemon.kill()
+        daemon.wait()
+
+
+def test_a_checkpoint_dir_that_hangs_in_a_save_ends_the_attempt_at_the_outage_limit_then_the_run_resumes(
+        tmp_path, hanging_dir):
+    """checkpoint.dir on a FUSE mount whose daemon is frozen (SIGSTOP) while the run trains and saves
+    every 20 steps: the next save's first storage call never returns (as on a hung NFS hard mount,
+    or s3fs against a frozen object store: no answer after 12 minutes, measured). The save's phase
+    waits for that call as an outage is waited for, then the watchdog ends the attempt with
+    EXIT_STORAGE and a message naming checkpoint.dir, at checkpoint.outage_s counted from the lease's
+    last renewal (lowered to 90 s to keep CI short; the ceiling, train.hang_timeout_s, stays at its
+    shipped 600 s, where such a save ended before). After the thaw the run resumes."""
+    ckpt, daemon = hanging_dir
+    extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
+             "checkpoint.every": 20, "eval.val_every": 0, "checkpoint.dir": ckpt, "checkpoint.outage_s": 90}
+    first = popen_train(tmp_path, extra=extra, log_name="first.log")
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 50, "the first steps and checkpoints", first,
+                   tmp_path / "first.log", timeout=300)
+        os.kill(daemon, signal.SIGSTOP)
+        t0 = time.monotonic()
+        code = first.wait(timeout=300)
+        took = time.monotonic() - t0
+    finally:
+        stop(first)
+        os.kill(daemon, signal.SIGCONT)
+    text = (tmp_path / "first.log").read_text()
+    print(f"the hung save ended the attempt {took:.0f} s after the store froze")
+    hang = next((line for line in text.splitlines() if "no progress for" in line), "")
+    # the call began within a second of the freeze, up to 15 s after a renewal: it was allowed 75-90 s,
+    # beyond the step-based limit (60 s, where it would end without its allowance), far from the ceiling
+    assert code == 202 and 70 <= took < 120, (code, took, text[-3000:])
+    assert "phase 'checkpoint save'" in hang and f"checkpoint.dir {ckpt} has not answered" in hang, hang
+    assert "what the call in flight was allowed" in hang and "Exiting with 202" in hang, hang
+    ledger = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines()]
+    assert ledger[-1]["event"] == "end" and ledger[-1]["exit_code"] == 202, ledger[-1]
+    assert "checkpoint save" in ledger[-1]["reason"] and "has not answered" in ledger[-1]["reason"]
+
+    last = max(steps(tmp_path))
+    resumed = train(tmp_path, extra=dict(extra, **{"train.stop_at_step": last + 10}))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {ckpt}/step-" in resumed.stdout
+    assert sorted(steps(tmp_path)) == list(range(last + 10))
+
+
 # ---- an object store that goes away --------------------------------------------------------------
 
 
@@ -201,10 +265,10 @@ def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_i
         tmp_path, s3_server, s3_url):
     """Two workers under torchrun, checkpoint.dir on the S3 server of the tests, shipped defaults.
     1. A hung store: the server frozen with SIGSTOP for 75 s while the run saves to it every 50 steps.
-       Rank 0's save waits (no call waits for good: s3fs's read timeout 15 s, then retries) within
-       the save's limit; rank 1 waits for it longer than its step-based limit (60 s), which is progress
-       while rank 0 lives (its heartbeat in the process group's store): no hang is declared, the save
-       completes after the thaw and training goes on.
+       Rank 0's save waits for its call as for an outage (up to checkpoint.outage_s, 600 s); rank 1
+       waits for it longer than its step-based limit (60 s), which is progress while rank 0 lives
+       (its heartbeat in the process group's store): no hang is declared, the save completes after
+       the thaw and training goes on.
     2. The store frozen again, and rank 0 frozen inside that save: rank 1 finds it at its step-based
        limit (about a minute), not at the 600 s ceiling, and exits 201."""
     ckpt_url = f"{s3_url}/ckpt"

@@ -142,3 +142,32 @@ def test_large_files_are_written_and_read_in_chunks_each_one_progress(tmp_path):
     write_bytes(fs, f"{root}/big.pt", data, progress=lambda: calls.append("w"))
     got = read_bytes(fs, f"{root}/big.pt", progress=lambda: calls.append("r"))
     assert got == data and calls == ["w"] * 4 + ["r"] * 4
+
+
+def test_a_thread_reporting_to_work_allows_each_call_and_moves_it_at_each_chunk_and_end(tmp_path):
+    """`reporting_to`: each storage call of this thread is allowed `allowed()` seconds (read as it
+    starts), its chunks and its end are moves; calls of other threads do not report."""
+    import threading
+
+    from gpt2.watchdog import Work
+
+    work, seen = Work(), []
+    fs, _ = filesystem(str(tmp_path))
+
+    def call():
+        seen.append((work.allowed_s, work.moved_at))
+        storage.heard()  # a chunk
+        seen.append((work.allowed_s, work.moved_at))
+        return 1
+
+    with storage.reporting_to(work, lambda: 42.0):
+        t0 = time.monotonic()
+        with_retries(call, "a call")
+        write_bytes(fs, str(tmp_path / "f"), b"x" * 10)
+    assert seen[0][0] == 42.0 and seen[1][0] == 42.0 and seen[1][1] >= seen[0][1] >= t0
+    assert work.allowed_s == 0.0 and work.moved_at >= seen[1][1]  # its end is a move too
+    before = work.moved_at
+    other = threading.Thread(target=lambda: with_retries(call, "another thread's call"))
+    other.start()
+    other.join()
+    assert seen[-1][0] == 0.0 and work.moved_at == before  # not reporting: no allowance, no move

@@ -159,3 +159,69 @@ def test_the_record_comes_first_then_the_last_act_then_the_exit_and_other_thread
     assert order == ["record", "last act", f"exit {EXIT_HUNG}"]
     dog.yield_to_hang_exit()
     assert slept and slept[-1] >= watchdog.RECORD_DEADLINE_S  # waits for the watchdog's exit instead
+
+
+def test_a_phase_that_follows_work_in_another_thread_lasts_while_it_moves_and_is_found_once_it_stops(capsys):
+    """A save written by a thread (async): the main thread's wait follows the save's moves; once
+    they stop outside any call, the step-based limit applies (not the ceiling)."""
+    import threading
+
+    codes, stop_moving = [], threading.Event()
+    work = watchdog.Work()
+
+    def writer():  # chunks, every 0.1 s, for 2 s: 5 x the step-based limit
+        for _ in range(20):
+            time.sleep(0.1)
+            work.moved()
+        stop_moving.set()
+
+    with Watchdog(30.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        with watchdog.phase("checkpoint save", follows=work):
+            threading.Thread(target=writer, daemon=True).start()
+            stop_moving.wait(5)
+            assert codes == []
+            t0 = time.monotonic()
+            while not codes and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+    assert codes == [EXIT_HUNG] and 0.4 <= time.monotonic() - t0 < 2.0  # the step-based limit, not the ceiling
+    assert "phase 'checkpoint save'" in capsys.readouterr().err
+
+
+def test_a_call_in_flight_is_waited_for_as_long_as_allowed_then_the_exit_is_the_works_code(capsys):
+    """A storage call without an answer: the limit is its allowance (longer than the step-based
+    limit and the ceiling here), and the exit code and message are its work's."""
+    import threading
+
+    codes, hangs = [], []
+    work = watchdog.Work("checkpoint.dir has not answered within checkpoint.outage_s", code=202)
+    dog = Watchdog(1.0, exit=codes.append, on_hang=hangs.append, **SMALL)
+
+    def hung_call():
+        with work.allowing(2.0):
+            time.sleep(30)
+
+    with dog:
+        timed_steps(dog)
+        with watchdog.phase("checkpoint save", follows=work):
+            threading.Thread(target=hung_call, daemon=True).start()
+            t0 = time.monotonic()
+            while not codes and time.monotonic() - t0 < 6:
+                time.sleep(0.05)
+    assert codes == [202] and 2.0 <= time.monotonic() - t0 < 3.5, (codes, time.monotonic() - t0)
+    assert hangs == ["checkpoint save"] and dog.exit_code == 202
+    err = capsys.readouterr().err
+    assert "what the call in flight was allowed" in err and "has not answered within checkpoint.outage_s" in err
+    assert "Exiting with 202" in err
+
+
+def test_work_that_moves_in_the_background_does_not_count_in_a_phase_that_does_not_follow_it():
+    codes = []
+    work = watchdog.Work()
+    with Watchdog(3.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        t0 = time.monotonic()
+        while not codes and time.monotonic() - t0 < 3:
+            work.moved()  # an async save moving while the main thread is stuck in a step
+            time.sleep(0.05)
+    assert codes == [EXIT_HUNG] and time.monotonic() - t0 < 2.0
