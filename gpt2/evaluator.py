@@ -12,7 +12,7 @@ import torch
 from gpt2 import hellaswag
 from gpt2.config import Config
 from gpt2.data import ValLoader
-from gpt2.distributed import Dist, all_reduce_sum, barrier
+from gpt2.distributed import Dist, all_reduce_sum, wait_for_all
 from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT
 from gpt2.sample import sample_texts
@@ -94,9 +94,9 @@ class Evaluator:
                 if self.hellaswag_path() is not None:
                     self.hellaswag(step)
         if step > 0 and due(e.sample_every):
-            with phase("evaluation: samples", ceiling=True):  # one generate call, no batches to beat on
+            with phase("evaluation: samples"):  # rank 0 beats per token (the plain module: nothing to compile)
                 self.samples(step)
-                barrier()  # the other ranks wait for rank 0's samples here, not in the next step
+                wait_for_all()  # the other ranks wait for rank 0's samples here, while every rank lives
 
     def val_loss(self, step: int) -> None:
         loss = mean_val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]
@@ -118,7 +118,8 @@ class Evaluator:
             return
         e = self.e
         texts = sample_texts(self.raw_model, self.tokenizer, e.sample_prompt, e.num_samples,  # type: ignore[arg-type]
-                             e.sample_tokens, e.top_k, seed=self.cfg.train.seed + step, device=self.dist.device)
+                             e.sample_tokens, e.top_k, seed=self.cfg.train.seed + step, device=self.dist.device,
+                             on_token=beat)
         for i, t in enumerate(texts):
             log.info(f"step {step} sample {i}: {t!r}")
         self.metrics.text("samples", "\n\n".join(f"{i}: {t}" for i, t in enumerate(texts)), step)

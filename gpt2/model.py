@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -272,11 +273,12 @@ def generate(
     top_k: int = 50,
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
+    on_token: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Extend each row of `idx` (B, T) by top-k sampling; stops at the model's context length.
 
     Sampling draws from `generator` (seed it for reproducible samples) and only ever from the
-    real vocabulary, never a padded id.
+    real vocabulary, never a padded id. `on_token()` after each new token (progress).
     """
     was_training = model.training
     model.eval()
@@ -289,6 +291,8 @@ def generate(
         probs = F.softmax(top_logits, dim=-1)
         choice = torch.multinomial(probs, 1, generator=generator)
         idx = torch.cat((idx, torch.gather(top_ids, -1, choice)), dim=1)
+        if on_token is not None:
+            on_token()
     model.train(was_training)
     return idx
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -22,13 +23,15 @@ log = logging.getLogger("gpt2.sample")  # also when run as __main__
 
 
 def sample_texts(model: GPT, tokenizer: Tokenizer, prompt: str, num_samples: int, max_new_tokens: int,
-                 top_k: int, seed: int, device: torch.device | str = "cpu") -> list[str]:
-    """`num_samples` continuations of `prompt`, reproducible for a given seed."""
+                 top_k: int, seed: int, device: torch.device | str = "cpu",
+                 on_token: Callable[[], None] | None = None) -> list[str]:
+    """`num_samples` continuations of `prompt`, reproducible for a given seed; `on_token()` after
+    each new token (progress)."""
     ids = tokenizer.encode(prompt) or [tokenizer.eot]
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    out = generate(model, idx, max_new_tokens, top_k=top_k, generator=gen)
+    out = generate(model, idx, max_new_tokens, top_k=top_k, generator=gen, on_token=on_token)
     return [tokenizer.decode(row.tolist()) for row in out]
 
 

@@ -110,8 +110,10 @@ def _tiny(pad_to=1):
 def test_generation_is_deterministic_for_a_seed():
     model = _tiny()
     idx = torch.zeros((4, 3), dtype=torch.long)
-    runs = [generate(model, idx, 10, top_k=5, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
-    assert runs[0].shape == (4, 13)
+    tokens: list[int] = []  # progress for the watchdog: once per new token
+    runs = [generate(model, idx, 10, top_k=5, generator=torch.Generator().manual_seed(s),
+                     on_token=lambda: tokens.append(1)) for s in (7, 7, 8)]
+    assert runs[0].shape == (4, 13) and len(tokens) == 30
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
