@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -225,8 +225,11 @@ class Liveness:
                                 "the other ranks will count it as gone if this lasts")
                 failing = True
 
-    def wait_for_all(self) -> None:
-        """A barrier for a wait of unknown length: progress for the watchdog while every rank lives."""
+    def wait_for_all(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """A barrier for a wait of unknown length: progress for the watchdog while every rank lives.
+        GroupLost once a rank gave no sign of life for STALE_S while this rank was told to stop
+        (`stopping()`): the launcher tears the group down (torchrun does when a worker fails, and
+        waits 30 s before SIGKILL), so there is nothing left to wait for."""
         store = _store() if self._thread is not None else None
         if store is None:
             barrier()
@@ -265,6 +268,10 @@ class Liveness:
                 if count != last[r]:
                     last[r], since[r] = count, now
             stale = [r for r, t in enumerate(since) if now - t >= STALE_S]
+            if stale and stopping():
+                raise GroupLost(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while this rank waited for "
+                                "them, and this rank was told to stop (the launcher ends the group, e.g. torchrun "
+                                "after a worker failed): leaving now; the group restarts from the last checkpoint")
             if not stale:
                 beat()
             elif not said:
@@ -288,6 +295,6 @@ def _store() -> dist.Store | None:
         return None
 
 
-def wait_for_all() -> None:
-    """A barrier whose wait is progress while every rank lives (see `Liveness`)."""
-    _liveness.wait_for_all()
+def wait_for_all(stopping: Callable[[], bool] = lambda: False) -> None:
+    """A barrier whose wait is progress while every rank lives (see `Liveness.wait_for_all`)."""
+    _liveness.wait_for_all(stopping)

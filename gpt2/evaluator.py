@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -47,8 +48,10 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Config, dist: Dist, model: torch.nn.Module, raw_model: GPT,
-                 val_loader: ValLoader | None, autocast: AbstractContextManager, metrics: MetricsLogger):
-        self.cfg, self.e, self.dist = cfg, cfg.eval, dist
+                 val_loader: ValLoader | None, autocast: AbstractContextManager, metrics: MetricsLogger,
+                 stopping: Callable[[], bool] = lambda: False):
+        """`stopping()`: whether this process was told to stop (a signal), for the wait for rank 0's samples."""
+        self.cfg, self.e, self.dist, self.stopping = cfg, cfg.eval, dist, stopping
         self.model, self.raw_model, self.val_loader = model, raw_model, val_loader
         self.autocast, self.metrics = autocast, metrics
         self.tokenizer: Tokenizer | None = None
@@ -96,7 +99,7 @@ class Evaluator:
         if step > 0 and due(e.sample_every):
             with phase("evaluation: samples"):  # rank 0 beats per token (the plain module: nothing to compile)
                 self.samples(step)
-                wait_for_all()  # the other ranks wait for rank 0's samples here, while every rank lives
+                wait_for_all(self.stopping)  # the other ranks wait for rank 0's samples here, while every rank lives
 
     def val_loss(self, step: int) -> None:
         loss = mean_val_loss(self.model, self.val_loader, self.dist.device, self.dist.rank,  # type: ignore[arg-type]

@@ -223,9 +223,10 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.optim.max_skipped_steps)
 
         self.progress = Progress()
+        self.preemption = PreemptionFlag()
         self.checkpointer = Checkpointer(
             cfg.checkpoint, is_writer=dist.is_main, describe=self.describe, lease=self.lease,
-            lineage=start.plan.lineage if start.plan else None,
+            lineage=start.plan.lineage if start.plan else None, stopping=lambda: self.preemption.is_set,
             parts={"model": self.raw_model, "optimizer": self.optimizer, "progress": self.progress, "rng": RNGState()})
         if start.resume is not None:
             self.checkpointer.restore(start.resume)
@@ -235,8 +236,7 @@ class Trainer:
         self.metrics = MetricsLogger(cfg.logging.dir, dist.is_main, cfg.train.max_steps, cfg.train.log_every,
                                      purge_step=purge, gate=self.lease)
         self.evaluator = Evaluator(cfg, dist, self.model, self.raw_model, self.val_loader, self.autocast,
-                                   self.metrics)
-        self.preemption = PreemptionFlag()
+                                   self.metrics, stopping=lambda: self.preemption.is_set)
         n_params = self.raw_model.num_params()
         self.flops_per_token = flops_per_token(n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.train.seq_len)
         self.peak_flops, self.device_name = device_peak_flops(self.device, self.dtype)

@@ -213,8 +213,10 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, parts: dict[str, Stateful],
                  describe: Callable[[int], dict[str, Any]], is_writer: bool = True, lease: Lease | None = None,
-                 lineage: Lineage | None = None):
+                 lineage: Lineage | None = None, stopping: Callable[[], bool] = lambda: False):
+        """`stopping()`: whether this process was told to stop (a signal), for the wait for every rank."""
         self.cfg, self.parts, self.describe, self.is_writer, self.lease = cfg, parts, describe, is_writer, lease
+        self.stopping = stopping
         self.lineage = lineage or Lineage.new()
         self.store = CheckpointStore(cfg.dir, cfg.storage_options, cfg.retries, cfg.keep,
                                      deadline=lease.deadline if lease is not None else None)
@@ -281,7 +283,7 @@ class Checkpointer:
         every rank lives, under the step-based limit (a frozen or cut-off rank 0 is found in about a
         minute, not at the ceiling)."""
         with phase("checkpoint save: waiting for every rank"):
-            distributed.wait_for_all()
+            distributed.wait_for_all(self.stopping)
 
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.

@@ -326,6 +326,41 @@ def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_i
     assert time.monotonic() - t0 < 400
 
 
+def test_rank_0_killed_while_its_peer_waits_for_its_save_costs_the_peer_15_s_not_torchruns_30_s(
+        tmp_path, hanging_dir):
+    """Two workers under the launchers' torchrun, shipped defaults, checkpoint.dir on a FUSE mount
+    whose daemon is frozen so that rank 0 stays in a save while rank 1 waits for it (the heartbeat
+    barrier after a save); then rank 0 is killed. torchrun tears the group down: SIGTERM to rank 1,
+    SIGKILL 30 s later (hard-coded). Rank 1, told to stop while rank 0 gives no sign of life, leaves
+    once rank 0 is stale (15 s; GroupLost, exit 201) instead of waiting for that SIGKILL, and the
+    restarted group trains on. (On several nodes the group's store lives in rank 0's process and
+    rank 1's calls fail instead: tests/unit/test_distributed.py covers that path.)"""
+    ckpt, daemon = hanging_dir
+    extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
+             "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt}
+    run = popen_train(tmp_path, nproc=2, max_restarts=1, extra=extra, launcher="gpt2.launch.torchrun")
+    log = tmp_path / "train.log"
+    gave_up = "gave no sign of life for 15 s while this rank waited for them, and this rank was told to stop"
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 60, "steps and checkpoints", run, log, timeout=300)
+        os.kill(daemon, signal.SIGSTOP)
+        time.sleep(10)  # the next save (within 50 steps, about 2 s) waits on the mount now
+        in_save = max(steps(tmp_path))
+        assert (in_save + 1) % 50 == 0, in_save  # rank 0 is in that save, rank 1 waits for it
+        os.kill(rank_pid(run.pid, 0), signal.SIGKILL)
+        os.kill(daemon, signal.SIGCONT)
+        took = wait_until(lambda: gave_up in log.read_text(), "rank 1 to leave the group", run, log, timeout=120)
+        wait_until(lambda: max(steps(tmp_path)) >= in_save + 20, "the restarted group's steps", run, log,
+                   timeout=300)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+        stop(run)
+    text = log.read_text()
+    print(f"rank 1 left {took:.0f} s after rank 0 was killed")
+    assert 10 <= took < 25, took  # rank 0 stale (15 s after its last heartbeat), before torchrun's 30 s SIGKILL
+    assert "forcefully exiting" not in text, text[-3000:]  # torchrun did not have to SIGKILL rank 1
+
+
 @pytest.fixture
 def store_behind_a_link():
     """The S3 server of the tests in a network namespace of its own, reached over a veth pair that

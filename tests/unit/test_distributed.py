@@ -102,3 +102,42 @@ def test_a_store_that_answers_again_within_the_limit_is_waited_for(monkeypatch):
     liveness = _waiting_rank_1(monkeypatch, _DeadStore(clock, failing_s=STALE_S - 1), clock)
     liveness.wait_for_all()  # no error: the blip ends before the limit
     assert clock[0] >= STALE_S - 1
+
+
+class _SilentRank0Store:
+    """The group's store answers, but rank 0's heartbeat stands still (killed on another host, or
+    on this one while its agent tears the group down); every rank has arrived at `arrives_at`."""
+
+    def __init__(self, clock: list[float], arrives_at: float = 1e9):
+        self.clock, self.arrives_at, self.beats = clock, arrives_at, 0
+
+    def set(self, key, value):
+        pass
+
+    def check(self, keys):
+        return self.clock[0] >= self.arrives_at
+
+    def multi_get(self, keys):
+        self.beats += 1
+        return [b"7", str(self.beats).encode()]
+
+
+def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_waiting_for_sigkill(monkeypatch):
+    """torchrun tears a group down when a worker died (SIGTERM, then SIGKILL 30 s later): a rank
+    waiting for the dead one's save leaves once it is stale (STALE_S) instead of waiting for the
+    SIGKILL; without the stop, a silent peer is the watchdog's to judge (the wait goes on)."""
+    from gpt2 import distributed
+    from gpt2.distributed import STALE_S
+    from gpt2.errors import GroupLost
+
+    clock = [0.0]
+    liveness = _waiting_rank_1(monkeypatch, _SilentRank0Store(clock), clock)
+    with pytest.raises(GroupLost, match=r"rank\(s\) \[0\] gave no sign of life .* told to stop"):
+        liveness.wait_for_all(stopping=lambda: True)
+    assert STALE_S <= clock[0] < STALE_S + 1
+
+    clock[0] = 0.0
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    liveness = _waiting_rank_1(monkeypatch, _SilentRank0Store(clock, arrives_at=3 * STALE_S), clock)
+    liveness.wait_for_all(stopping=lambda: False)  # not told to stop: waits, here until rank 0 arrives
+    assert clock[0] >= 3 * STALE_S
