@@ -36,6 +36,7 @@ counting afresh; whether such a process may go on is for the run's lease to say.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -70,7 +71,7 @@ class Work:
                  code: int = EXIT_HUNG) -> None:
         self.overdue, self.code = overdue, code
         self.moved_at = time.monotonic()
-        self._allowed: list[float] = []
+        self._until: list[float] = []  # the deadlines of the calls in flight (time.monotonic())
         self._lock = threading.Lock()
 
     def moved(self) -> None:
@@ -78,22 +79,23 @@ class Work:
 
     @contextmanager
     def allowing(self, seconds: float) -> Iterator[None]:
-        """One call that may take up to `seconds` without a move (its start and its end are moves)."""
+        """One call that may take up to `seconds` from now without a move (its start and its end are
+        moves); the deadline is absolute: a phase that begins to follow the work later does not extend it."""
         self.moved()
+        until = time.monotonic() + seconds
         with self._lock:
-            self._allowed.append(seconds)
+            self._until.append(until)
         try:
             yield
         finally:
             with self._lock:
-                self._allowed.remove(seconds)
+                self._until.remove(until)
             self.moved()
 
-    @property
-    def allowed_s(self) -> float:
-        """How long the calls in flight may go without a move (0: none in flight)."""
+    def calls_in_flight(self) -> tuple[bool, float]:
+        """(whether a call is in flight, the latest deadline of the calls in flight)."""
         with self._lock:
-            return max(self._allowed, default=0.0)
+            return bool(self._until), max(self._until, default=-math.inf)
 
 
 class Watchdog:
@@ -164,8 +166,9 @@ class Watchdog:
         work, limit = self._follows, self.limit_s
         if work is None:
             return now - self._last, limit, False
-        allowed = work.allowed_s
-        return now - max(self._last, work.moved_at), max(limit, allowed), allowed > 0
+        in_call, until = work.calls_in_flight()
+        last = max(self._last, work.moved_at)
+        return now - last, max(limit, until - last), in_call
 
     def steps(self, before: Sequence[float] = ()) -> None:
         """From now on the steps' own limit applies (called once the start-up is over). `before`:

@@ -288,11 +288,11 @@ class Checkpointer:
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.
         The lease says `stopping` first, so that a start that finds it waits for its release."""
-        if self.lease is not None:
-            self.lease.mark_stopping()
         t0 = time.monotonic()
         try:
             with self._saving():
+                if self.lease is not None:  # a storage call too: the save's limits apply
+                    self.lease.mark_stopping()
                 self.wait()
         except LeaseLost:
             raise
@@ -367,6 +367,16 @@ class Checkpointer:
             raise err
 
     def close(self) -> None:
+        """The end of the attempt: wait for a save in flight (an error's exit path), but not past the
+        outage limit, and not at all once it has passed: an exiting process never waits on storage
+        that does not answer (the thread is a daemon; what it did not commit is not a checkpoint)."""
+        if self._thread is not None and not self._superseded():
+            self._thread.join(timeout=max(0.0, self._outage_left()))
+            if self._thread.is_alive():
+                log.error("CHECKPOINT SAVE FAILED: the save in flight did not finish within checkpoint.outage_s; "
+                          "it is left unfinished (not committed)")
+                self._thread = None
+                return
         try:
             self.wait()
         except LeaseLost:

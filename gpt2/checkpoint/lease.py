@@ -491,13 +491,24 @@ class Lease:
             self._thread.join(timeout=10)  # a renewal hung on the storage must not keep the process
         if self.lost is not None or self.generation == 0:
             return
-        try:  # one try each: a process on its way out does not wait for the storage
-            if self._newer_exists(retries=0):
-                return
-            self._write_own("released")
+        # one try each, in a thread given 10 s: a process on its way out does not wait for storage
+        # that does not answer (a hung mount's call never returns)
+        releasing = threading.Thread(target=self._mark_released, name="gpt2-lease-release", daemon=True)
+        releasing.start()
+        releasing.join(timeout=10)
+        if releasing.is_alive():
+            self._not_released("no answer within 10 s")
+
+    def _mark_released(self) -> None:
+        try:
+            if not self._newer_exists(retries=0):
+                self._write_own("released")
         except (StorageError, OSError) as err:
-            log.warning(f"could not release the lease of {self.directory} ({err}); another start takes it over once "
-                        f"it has watched it unchanged for {self.ttl_s:g} s")
+            self._not_released(str(err))
+
+    def _not_released(self, why: str) -> None:
+        log.warning(f"could not release the lease of {self.directory} ({why}); another start takes it over once "
+                    f"it has watched it unchanged for {self.ttl_s:g} s")
 
     def describe(self) -> dict[str, Any]:
         """For commit markers and the ledger: who wrote."""

@@ -34,7 +34,7 @@ import torch
 
 from gpt2.checkpoint.lineage import Lineage
 from gpt2.errors import CheckpointError, CheckpointUnloadable, StorageError
-from gpt2.storage import filesystem, join, read_bytes, with_retries, write_bytes
+from gpt2.storage import CHUNK, filesystem, heard, join, read_bytes, with_retries, write_bytes
 from gpt2.watchdog import beat
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,11 @@ class CheckpointStore:
         if existing is not None and existing.get("writer_tag") == writer:
             log.info("checkpoint %s was already saved by this trainer", url)
             return
-        buf = io.BytesIO()
+        buf = _Serializing()
         torch.save(state, buf)
         data = buf.getvalue()
         state_file = f"state-{writer}.pt"
-        meta = dict(meta, step=step, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), state_file=state_file,
+        meta = dict(meta, step=step, bytes=len(data), sha256=_sha256(data), state_file=state_file,
                     writer_tag=writer, saved_at=time.time())
         r = self.retries
         with_retries(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}", r, deadline=self.deadline)
@@ -223,6 +223,24 @@ class CheckpointStore:
 def load_state(url: str, storage_options: dict[str, Any] | None = None, retries: int = 3) -> dict[str, Any]:
     """The state of one checkpoint, verified against its marker (`load_checkpoint`)."""
     return load_checkpoint(url, storage_options, retries)[1]
+
+
+class _Serializing(io.BytesIO):
+    """A buffer whose every write is progress: serializing a large state takes a while (3.7 s/GB
+    measured on 2 CPU cores), and the save's phase follows its moves."""
+
+    def write(self, b: Any) -> int:
+        heard()
+        return super().write(b)
+
+
+def _sha256(data: bytes | bytearray) -> str:
+    """The hex sha256 of `data`, each CHUNK hashed being progress."""
+    digest, view = hashlib.sha256(), memoryview(data)
+    for start in range(0, len(view), CHUNK):
+        digest.update(view[start:start + CHUNK])
+        heard()
+    return digest.hexdigest()
 
 
 class _InPlace(io.RawIOBase):

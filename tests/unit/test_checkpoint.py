@@ -337,3 +337,17 @@ def test_a_superseded_writer_never_prunes_the_new_writers_checkpoints(tmp_path):
     assert not list((tmp_path / "step-00000003").iterdir())  # its abandoned save: nothing committed, its file gone
     assert (tmp_path / "step-00000004" / f"state-{new_lease.tag}.pt").exists()
     new_lease.release()
+
+
+def test_serializing_and_hashing_a_save_are_progress_for_the_work_it_reports_to(tmp_path, monkeypatch):
+    """torch.save into memory and the sha256 take seconds per GB, outside any storage call: each
+    write of the serializer and each hashed chunk moves the save's work (the phase follows it)."""
+    from gpt2.checkpoint import CheckpointStore
+    from gpt2.checkpoint import store as store_module
+
+    moves: list[int] = []
+    monkeypatch.setattr(store_module, "heard", lambda: moves.append(1))
+    monkeypatch.setattr(store_module, "CHUNK", 1 << 16)
+    state = {"model": {f"w{i}": torch.ones(64, 64) for i in range(8)}}  # 8 x 16 KB
+    CheckpointStore(str(tmp_path)).write(state, 1, {})
+    assert len(moves) >= 8 + 2  # a write per tensor at least, and every 64 KB hashed

@@ -155,19 +155,21 @@ def test_a_thread_reporting_to_work_allows_each_call_and_moves_it_at_each_chunk_
     fs, _ = filesystem(str(tmp_path))
 
     def call():
-        seen.append((work.allowed_s, work.moved_at))
+        seen.append((work.calls_in_flight(), work.moved_at))
         storage.heard()  # a chunk
-        seen.append((work.allowed_s, work.moved_at))
+        seen.append((work.calls_in_flight(), work.moved_at))
         return 1
 
     with storage.reporting_to(work, lambda: 42.0):
         t0 = time.monotonic()
         with_retries(call, "a call")
         write_bytes(fs, str(tmp_path / "f"), b"x" * 10)
-    assert seen[0][0] == 42.0 and seen[1][0] == 42.0 and seen[1][1] >= seen[0][1] >= t0
-    assert work.allowed_s == 0.0 and work.moved_at >= seen[1][1]  # its end is a move too
+    (in_call, until), moved = seen[0]
+    assert in_call and t0 + 42.0 <= until < time.monotonic() + 42.0 and seen[1][0] == seen[0][0]
+    assert seen[1][1] >= moved >= t0
+    assert work.calls_in_flight()[0] is False and work.moved_at >= seen[1][1]  # its end is a move too
     before = work.moved_at
     other = threading.Thread(target=lambda: with_retries(call, "another thread's call"))
     other.start()
     other.join()
-    assert seen[-1][0] == 0.0 and work.moved_at == before  # not reporting: no allowance, no move
+    assert seen[-1][0][0] is False and work.moved_at == before  # not reporting: no allowance, no move

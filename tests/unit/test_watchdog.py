@@ -225,3 +225,40 @@ def test_work_that_moves_in_the_background_does_not_count_in_a_phase_that_does_n
             work.moved()  # an async save moving while the main thread is stuck in a step
             time.sleep(0.05)
     assert codes == [EXIT_HUNG] and time.monotonic() - t0 < 2.0
+
+
+def test_a_call_is_allowed_from_its_own_start_not_from_when_a_phase_begins_to_follow_it():
+    """An async save's call hung since before the main thread joined it: the join does not restart
+    its allowance (it fires at the call's own deadline), and a call whose allowance had already run
+    out when it began is still blamed as the work's (its code), not as a frozen peer."""
+    import threading
+
+    codes = []
+    work = watchdog.Work("checkpoint.dir has not answered", code=202)
+
+    def hung_call(seconds):
+        with work.allowing(seconds):
+            time.sleep(30)
+
+    with Watchdog(30.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        threading.Thread(target=hung_call, args=(2.0,), daemon=True).start()
+        for _ in range(15):  # training goes on for 1.5 s meanwhile
+            time.sleep(0.1)
+            dog.step_done(0.01)
+        t0 = time.monotonic()
+        with watchdog.phase("checkpoint save", follows=work):
+            while not codes and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+    assert codes == [202] and time.monotonic() - t0 < 1.5  # the call's 2 s, not 2 s more after the join
+
+    codes.clear()
+    work = watchdog.Work("checkpoint.dir has not answered", code=202)
+    with Watchdog(30.0, exit=codes.append, **SMALL) as dog:
+        timed_steps(dog)
+        with watchdog.phase("checkpoint save", follows=work):
+            threading.Thread(target=hung_call, args=(-5.0,), daemon=True).start()
+            t0 = time.monotonic()
+            while not codes and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+    assert codes == [202] and 0.4 <= time.monotonic() - t0 < 2.0  # the step-based limit, the work's code
