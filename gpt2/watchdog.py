@@ -13,8 +13,8 @@ timeout). The watchdog waits for progress, not for steps:
   a step is fine as long as it moves;
 * a phase that waits for `Work` done in any thread (a checkpoint save: its chunks and storage
   calls) is `phase(name, follows=work)`: the work's moves are progress, and one call of it that
-  cannot report progress is waited for as long as it is allowed (`Work.allowing`: for a storage
-  call, its own timeouts plus its bytes at the slowest rate that counts as moving);
+  cannot report progress is waited for as long as it is allowed (`Work.allowing`: for a save's
+  storage call, until the outage limit, `checkpoint.outage_s`);
 * a phase that cannot report progress at all (compilation, the start-up) is
   `phase(name, ceiling=True)` and gets the ceiling;
 * before MIN_TIMED steps have been timed after a (re)start (unless the step times of the run's

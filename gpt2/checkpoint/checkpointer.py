@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -238,12 +238,11 @@ class Checkpointer:
         deadline = self.store.deadline() if self.store.deadline is not None else math.inf
         return min(deadline - time.monotonic(), float(self.cfg.outage_s))
 
-    def _saving(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _saving(self) -> Iterator[None]:
         """The phase of a save in the main thread, following the save's work (its own or the thread's)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(phase("checkpoint save", follows=self._work))
-        stack.enter_context(reporting_to(self._work, self._outage_left))
-        return stack
+        with phase("checkpoint save", follows=self._work), reporting_to(self._work, self._outage_left):
+            yield
 
     def restore(self, point: ResumePoint) -> None:
         """Load the checkpoint at `point` (`plan_resume`) into the parts, on every rank."""

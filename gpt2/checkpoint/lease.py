@@ -56,6 +56,7 @@ LEASE_DIR = "lease"
 _GENERATION = re.compile(r"^(\d{8})$")
 SETTLE_S = 2.0  # stores without conditional writes: how long a new generation settles before it is read back
 WATCH_POLL_S = 1.0  # how often a start that watches a held lease reads it
+RELEASE_WAIT_S = 10.0  # what an ending holder gives its renewal thread, and then its release, on storage that hangs
 
 
 def _read_text(path: str) -> str | None:
@@ -488,16 +489,16 @@ class Lease:
         """Stop holding; mark our record released if it is still the lease (never another's)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)  # a renewal hung on the storage must not keep the process
+            self._thread.join(timeout=RELEASE_WAIT_S)  # a renewal hung on the storage must not keep the process
         if self.lost is not None or self.generation == 0:
             return
-        # one try each, in a thread given 10 s: a process on its way out does not wait for storage
+        # one try each, in a thread given RELEASE_WAIT_S: a process on its way out does not wait for storage
         # that does not answer (a hung mount's call never returns)
         releasing = threading.Thread(target=self._mark_released, name="gpt2-lease-release", daemon=True)
         releasing.start()
-        releasing.join(timeout=10)
+        releasing.join(timeout=RELEASE_WAIT_S)
         if releasing.is_alive():
-            self._not_released("no answer within 10 s")
+            self._not_released(f"no answer within {RELEASE_WAIT_S:g} s")
 
     def _mark_released(self) -> None:
         try:

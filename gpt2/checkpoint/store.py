@@ -289,7 +289,7 @@ def load_checkpoint(url: str, storage_options: dict[str, Any] | None = None,
                                    "the checkpoint is kept as it is") from None
     if len(data) != meta.get("bytes"):
         raise CheckpointError(f"{url}/{name} is {len(data)} bytes, its marker says {meta.get('bytes')} (truncated)")
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    if _sha256(data) != meta.get("sha256"):
         raise CheckpointError(f"{url}/{name} does not match the sha256 in its marker (corrupt)")
     try:
         return meta, torch.load(_InPlace(data), map_location="cpu", weights_only=True)
