@@ -11,16 +11,19 @@ timeout). The watchdog waits for progress, not for steps:
   is named with `with phase(name):` and beats from inside its loops (`beat()` per batch or
   example group); between beats the same limit applies, so an evaluation many times longer than
   a step is fine as long as it moves;
-* a phase that waits for `Work` done in any thread (a checkpoint save: its chunks and storage
-  calls) is `phase(name, follows=work)`: the work's moves are progress, and one call of it that
-  cannot report progress is waited for as long as it is allowed (`Work.allowing`: for a save's
-  storage call, until the outage limit, `checkpoint.outage_s`);
+* a phase that waits for `Work` done in any thread (a checkpoint save or load: its chunks and
+  storage calls) is `phase(name, follows=work)`: the work's moves are progress, and one call of it
+  that cannot report progress is waited for as long as it is allowed (`Work.allowing`: for a
+  checkpoint's storage call, until the outage limit, `checkpoint.outage_s`);
+* a phase that reports its progress from start to end (`follows=work`, or `measured=True`: a wait
+  that beats while every rank lives) is held to the step-based limit even at start-up, before any
+  step is timed (FLOOR_S then), so a peer that freezes while a resume loads is found in about a minute;
 * a phase that cannot report progress at all (compilation, the start-up) is
   `phase(name, ceiling=True)` and gets the ceiling;
 * before MIN_TIMED steps have been timed after a (re)start (unless the step times of the run's
-  previous attempt are known: then those count from the first step), and for the ceiling phases,
-  the limit is `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the
-  watchdog).
+  previous attempt are known: then those count from the first step), except in measured phases,
+  and for the ceiling phases, the limit is `train.hang_timeout_s`, which is also the ceiling of the
+  step-based limit (0 disables the watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
 thread's stack, calls `on_hang` (the attempt record) and `before_exit`, then exits the process with
@@ -113,6 +116,7 @@ class Watchdog:
         self.recent: deque[float] = deque(maxlen=recent)
         self.phase_name = "start-up"
         self._ceiling_phase = True
+        self._measured = False  # the phase reports its progress throughout: the step-based limit, always
         self._follows: Work | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -146,19 +150,28 @@ class Watchdog:
     @property
     def limit_s(self) -> float:
         """Seconds without progress after which the process counts as hung, now."""
+        if self._measured:
+            return self._step_limit()
         if self._ceiling_phase or len(self.recent) < MIN_TIMED:
             return self.ceiling_s
-        return min(self.ceiling_s, max(self.floor_s, self.factor * max(self.recent)))
+        return self._step_limit()
+
+    def _step_limit(self) -> float:
+        return min(self.ceiling_s, max(self.floor_s, self.factor * max(self.recent, default=0.0)))
 
     @contextmanager
-    def phase(self, name: str, ceiling: bool = False, follows: Work | None = None) -> Iterator[None]:
-        previous = self.phase_name, self._ceiling_phase, self._follows
-        self.phase_name, self._ceiling_phase, self._follows = name, ceiling or self._ceiling_phase, follows
+    def phase(self, name: str, ceiling: bool = False, follows: Work | None = None,
+              measured: bool = False) -> Iterator[None]:
+        previous = self.phase_name, self._ceiling_phase, self._measured, self._follows
+        measured = not ceiling and (measured or follows is not None)
+        # a measured phase inside a ceiling phase (a resume's load during the start-up) has its own limit
+        self.phase_name, self._ceiling_phase = name, ceiling or (self._ceiling_phase and not measured)
+        self._measured, self._follows = measured, follows
         self.beat()
         try:
             yield
         finally:
-            self.phase_name, self._ceiling_phase, self._follows = previous
+            self.phase_name, self._ceiling_phase, self._measured, self._follows = previous
             self.beat()
 
     def _idle_and_limit(self, now: float) -> tuple[float, float, bool]:
@@ -235,6 +248,8 @@ class Watchdog:
             return "what the call in flight was allowed, or the step-based limit if longer"
         if limit >= self.ceiling_s:
             return f"train.hang_timeout_s={self.ceiling_s:g}"
+        if not self.recent:
+            return f"at least {self.floor_s:g} s, no step timed yet"
         return (f"{self.factor:g} x the slowest of the last {len(self.recent)} steps ({max(self.recent):.2f} s), "
                 f"at least {self.floor_s:g} s")
 
@@ -248,11 +263,12 @@ def beat() -> None:
 
 
 @contextmanager
-def phase(name: str, ceiling: bool = False, follows: Work | None = None) -> Iterator[None]:
+def phase(name: str, ceiling: bool = False, follows: Work | None = None, measured: bool = False) -> Iterator[None]:
     """Name what the process does now, for the limit and the message (`follows`: the work this
-    phase waits for, see `Work`); a no-op without a watchdog."""
+    phase waits for, see `Work`; `measured`: the phase beats throughout, so the step-based limit
+    applies from the start-up on); a no-op without a watchdog."""
     if _active is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    with _active.phase(name, ceiling, follows):
+    with _active.phase(name, ceiling, follows, measured):
         yield

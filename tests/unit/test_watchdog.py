@@ -262,3 +262,45 @@ def test_a_call_is_allowed_from_its_own_start_not_from_when_a_phase_begins_to_fo
             while not codes and time.monotonic() - t0 < 5:
                 time.sleep(0.05)
     assert codes == [202] and 0.4 <= time.monotonic() - t0 < 2.0  # the step-based limit, the work's code
+
+
+def test_a_measured_phase_at_start_up_is_held_to_the_floor_not_the_ceiling(capsys):
+    """A rank waiting for rank 0's load while the run starts (no step timed yet, inside the start-up's
+    ceiling): the wait beats while rank 0 lives, so once the beats stop the floor applies, not the
+    ceiling; a load that follows its work gets the floor between moves, and its call its allowance.
+    Outside such phases the start-up keeps the ceiling."""
+    import threading
+
+    codes = []
+    with Watchdog(30.0, exit=codes.append, **SMALL) as dog:
+        assert dog.limit_s == 30.0  # the start-up: a ceiling phase
+        with watchdog.phase("checkpoint load: waiting for rank 0", measured=True):
+            assert dog.limit_s == 0.4
+            for _ in range(15):  # 1.5 s of beats: rank 0 lives
+                time.sleep(0.1)
+                watchdog.beat()
+            t0 = time.monotonic()
+            while not codes and time.monotonic() - t0 < 5:
+                time.sleep(0.05)
+        assert dog.limit_s == 30.0
+    assert codes == [EXIT_HUNG] and 0.4 <= time.monotonic() - t0 < 2.0
+    err = capsys.readouterr().err
+    assert "phase 'checkpoint load: waiting for rank 0'" in err and "at least 0.4 s, no step timed yet" in err
+
+    codes.clear()
+    work = watchdog.Work("checkpoint.dir has not answered", code=202)
+
+    def load():
+        for _ in range(15):  # chunks for 1.5 s, then one call allowed 1.5 s that does not answer
+            time.sleep(0.1)
+            work.moved()
+        with work.allowing(1.5):
+            time.sleep(30)
+
+    with Watchdog(30.0, exit=codes.append, **SMALL):
+        with watchdog.phase("checkpoint load", follows=work):
+            t0 = time.monotonic()
+            threading.Thread(target=load, daemon=True).start()
+            while not codes and time.monotonic() - t0 < 8:
+                time.sleep(0.05)
+    assert codes == [202] and 2.9 <= time.monotonic() - t0 < 4.5, time.monotonic() - t0
