@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from gpt2.config import ConfigError
 from gpt2.errors import GroupLost
-from gpt2.watchdog import beat
+from gpt2.watchdog import beat, phase
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,10 @@ class Liveness:
                                 "the other ranks will count it as gone if this lasts")
                 failing = True
 
+    def watched(self) -> bool:
+        """Whether `wait_for_all` watches heartbeats (else it is a plain barrier, which cannot beat)."""
+        return self._thread is not None and _store() is not None
+
     def wait_for_all(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """A barrier for a wait of unknown length: progress for the watchdog while every rank lives.
         GroupLost once a rank gave no sign of life for STALE_S while this rank was told to stop
@@ -295,6 +299,12 @@ def _store() -> dist.Store | None:
         return None
 
 
-def wait_for_all(stopping: Callable[[], bool] = lambda: False) -> None:
-    """A barrier whose wait is progress while every rank lives (see `Liveness.wait_for_all`)."""
-    _liveness.wait_for_all(stopping)
+def wait_for_all(stopping: Callable[[], bool] = lambda: False, phase_name: str | None = None) -> None:
+    """A barrier whose wait is progress while every rank lives (see `Liveness.wait_for_all`). With
+    `phase_name`, the wait is that phase: measured (the step-based limit, even before a step is
+    timed) where heartbeats are watched, under the ceiling where only a plain barrier can be had."""
+    if phase_name is None:
+        _liveness.wait_for_all(stopping)
+        return
+    with phase(phase_name, measured=_liveness.watched(), ceiling=not _liveness.watched()):
+        _liveness.wait_for_all(stopping)

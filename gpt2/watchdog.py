@@ -163,6 +163,7 @@ class Watchdog:
     def phase(self, name: str, ceiling: bool = False, follows: Work | None = None,
               measured: bool = False) -> Iterator[None]:
         previous = self.phase_name, self._ceiling_phase, self._measured, self._follows
+        self.beat()  # first: a poll while the fields change must not judge an old beat by the new limit
         measured = not ceiling and (measured or follows is not None)
         # a measured phase inside a ceiling phase (a resume's load during the start-up) has its own limit
         self.phase_name, self._ceiling_phase = name, ceiling or (self._ceiling_phase and not measured)

@@ -20,7 +20,7 @@ from gpt2.checkpoint.lease import Lease
 from gpt2.checkpoint.lineage import Lineage, read_lineage, write_lineage
 from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
-from gpt2.errors import EXIT_STORAGE, CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
+from gpt2.errors import EXIT_STORAGE, CheckpointError, CheckpointUnloadable, Gpt2Error, LeaseLost, StorageFull
 from gpt2.storage import ensure_directory, reporting_to
 from gpt2.watchdog import Work, phase
 
@@ -67,13 +67,19 @@ def plan_resume(cfg: CheckpointConfig, is_writer: bool, submission: str | None =
     """The one answer to "what would a resume load", used by every start-up step that depends on
     it (the micro-batch choice) and by the resume itself. The writer decides (reading only) and tells
     the other ranks, who get the point's URL and marker."""
+    plan, refused = None, None
     with _following(_storage_work(cfg), "checkpoint load", lambda: float(cfg.outage_s)):
-        plan = _plan(cfg, submission) if is_writer else None
+        try:
+            plan = _plan(cfg, submission) if is_writer else None
+        except Gpt2Error as err:  # every rank refuses the start alike (message, exit code)
+            refused = err
     # the others wait for the writer's load as long as it lives: a frozen or cut-off writer is found
     # in about a minute, not at the ceiling
-    with phase("checkpoint load: waiting for rank 0", measured=True):
-        distributed.wait_for_all()
-    shared = distributed.broadcast_object((plan.point.url, plan.point.meta) if plan and plan.point else None)
+    distributed.wait_for_all(phase_name="checkpoint load: waiting for rank 0")
+    shared = distributed.broadcast_object(
+        refused if refused is not None else (plan.point.url, plan.point.meta) if plan and plan.point else None)
+    if isinstance(shared, Gpt2Error):
+        raise refused or shared
     if plan is not None:
         return plan
     return ResumePlan(ResumePoint(*shared) if shared else None, Lineage("?"))  # type: ignore[misc]
@@ -99,8 +105,9 @@ def _storage_work(cfg: CheckpointConfig) -> Work:
     """The progress of a checkpoint's storage work (a save or a load, see gpt2.watchdog.Work): a
     call without an answer is waited for until the outage limit, then the attempt ends with EXIT_STORAGE."""
     return Work(f"checkpoint.dir {cfg.dir} has not answered within checkpoint.outage_s ({cfg.outage_s} s; for a "
-                "save, counted from the lease's last renewal); check that storage. A later attempt resumes from the "
-                "last checkpoint", EXIT_STORAGE)
+                "save, counted from the lease's last renewal; a resume may read a checkpoint elsewhere: the notices "
+                "above name the call); check that storage. A later attempt resumes from the last checkpoint",
+                EXIT_STORAGE)
 
 
 @contextlib.contextmanager
@@ -263,6 +270,9 @@ class Checkpointer:
         """Load the checkpoint at `point` (`plan_resume`) into the parts, on every rank."""
         with _following(self._work, "checkpoint load", lambda: float(self.cfg.outage_s)):
             state = point.state if point.state is not None else self.store.load(point.url)[1]
+        # rank 0 had the state already: it waits for the others' loads here as long as they live,
+        # not in the first step's collective under the step-based limit
+        distributed.wait_for_all(phase_name="checkpoint load: waiting for every rank")
         for name, part in self.parts.items():
             try:
                 part.load_state_dict(state[name])
@@ -296,8 +306,7 @@ class Checkpointer:
         """The other ranks wait for rank 0's save here, not in the next step's collective: as long as
         every rank lives, under the step-based limit (a frozen or cut-off rank 0 is found in about a
         minute, not at the ceiling)."""
-        with phase("checkpoint save: waiting for every rank", measured=True):
-            distributed.wait_for_all(self.stopping)
+        distributed.wait_for_all(self.stopping, phase_name="checkpoint save: waiting for every rank")
 
     def save_final(self, step: int, why: str) -> None:
         """The save a stopping run depends on (end, preemption, stop_at_step): CheckpointError if it fails.

@@ -141,3 +141,39 @@ def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_wa
     liveness = _waiting_rank_1(monkeypatch, _SilentRank0Store(clock, arrives_at=3 * STALE_S), clock)
     liveness.wait_for_all(stopping=lambda: False)  # not told to stop: waits, here until rank 0 arrives
     assert clock[0] >= 3 * STALE_S
+
+
+# Two ranks over env:// (the store on rank 0, as with srun): the writer's plan refuses the start.
+REFUSED = r"""
+import sys
+from gpt2 import distributed
+from gpt2.checkpoint import plan_resume
+from gpt2.config import CheckpointConfig
+from gpt2.errors import Gpt2Error, exit_code
+dist = distributed.init("cpu", 60)
+try:
+    plan_resume(CheckpointConfig(dir=sys.argv[1]), dist.is_main)
+except Gpt2Error as err:
+    print(f"rank {dist.rank} refused: {type(err).__name__} {exit_code(err)}: {err}", flush=True)
+"""
+
+
+def test_a_start_the_writer_refuses_is_refused_alike_on_every_rank(tmp_path):
+    """Rank 0 cannot plan the resume (an unreadable LINEAGE): every rank raises the same typed error
+    (its message and exit code), instead of the others losing the group and exiting as for a fault."""
+    import socket
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "LINEAGE").write_text("not json")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", REFUSED, str(ckpt)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, out in enumerate(outs):
+        assert f"rank {rank} refused: CheckpointError 1: {ckpt}/LINEAGE is unreadable" in out, out
