@@ -306,5 +306,6 @@ def wait_for_all(stopping: Callable[[], bool] = lambda: False, phase_name: str |
     if phase_name is None:
         _liveness.wait_for_all(stopping)
         return
-    with phase(phase_name, measured=_liveness.watched(), ceiling=not _liveness.watched()):
+    watched = _liveness.watched()
+    with phase(phase_name, measured=watched, ceiling=not watched):
         _liveness.wait_for_all(stopping)
