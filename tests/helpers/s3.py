@@ -68,14 +68,19 @@ class S3Server:
         import s3fs
 
         fs = s3fs.S3FileSystem(**self.storage_options)
-        while time.time() < deadline:  # the bucket is created shortly after the port opens
+        probe = f"{S3_BUCKET}/.ready"
+        while time.time() < deadline:
+            # The bucket is created shortly after the port opens, and the first write grows the
+            # bucket's volumes (a second or more on a busy machine, longer than a client's retries):
+            # ready means a write has gone through.
             try:
-                fs.ls(S3_BUCKET, refresh=True)
+                fs.pipe_file(probe, b"ready")
+                fs.rm_file(probe)
                 return
             except Exception:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} did not appear; see {self.workdir}/weed.log")
+        raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} took no write; see {self.workdir}/weed.log")
 
     def _refuse_a_server_already_there(self) -> None:
         """Another server on the port (another test session on this machine) would answer for this
