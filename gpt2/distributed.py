@@ -11,15 +11,18 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from gpt2.config import ConfigError
-from gpt2.errors import GroupLost
+from gpt2.errors import Gpt2Error, GroupLost
 from gpt2.watchdog import beat, phase
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 HEARTBEAT_S = 2.0  # each rank bumps its counter in the process group's store this often
 STALE_S = 15.0  # a rank whose counter has not moved for this long is not alive (frozen, cut off, gone)
@@ -309,3 +312,22 @@ def wait_for_all(stopping: Callable[[], bool] = lambda: False, phase_name: str |
     watched = _liveness.watched()
     with phase(phase_name, measured=watched, ceiling=not watched):
         _liveness.wait_for_all(stopping)
+
+
+def decided_on_rank_0(decide: Callable[[], T], is_main: bool, phase_name: str,
+                      share: Callable[[T], object] = lambda answer: answer) -> tuple[T | None, object]:
+    """Rank 0 runs `decide()` and every rank gets `share(answer)`, or raises rank 0's typed error
+    alike (its message and exit code, not a lost group). The others wait for rank 0 as long as it
+    lives (`wait_for_all` in phase `phase_name`): a frozen or cut-off rank 0 is found in about a
+    minute, a slow decision is waited for. Returns (the answer on rank 0, else None; the shared part)."""
+    answer, refused = None, None
+    if is_main:
+        try:
+            answer = decide()
+        except Gpt2Error as err:
+            refused = err
+    wait_for_all(phase_name=phase_name)
+    failed, shared = broadcast_object((refused, share(answer) if is_main and refused is None else None))  # type: ignore[misc]
+    if failed is not None:
+        raise refused or failed
+    return answer, shared

@@ -42,7 +42,8 @@ def choose_micro_batch(cfg: Config, dist: distributed.Dist, resume: ResumePoint 
            f"(train.max_micro_batch={t.max_micro_batch})")
     if dist.device.type != "cuda":
         return candidates[0], why + f"; no memory probe on {dist.device.type}"
-    choice = distributed.broadcast_object(probe_on_device(cfg, dist, candidates) if dist.is_main else None)
+    _, choice = distributed.decided_on_rank_0(lambda: probe_on_device(cfg, dist, candidates), dist.is_main,
+                                              "choosing the micro-batch: waiting for rank 0")
     gc.collect()
     torch.cuda.empty_cache()
     return choice  # type: ignore[return-value]

@@ -13,8 +13,8 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
+import socket
 import sys
 import time
 from array import array
@@ -61,6 +61,7 @@ Tokenizes data.source into shards under data.dir, e.g.
 
 DOCS_PER_BATCH = 4096
 CHARS_PER_BATCH = 1 << 20
+SHARED_VIEW_S = 120.0  # how long a new manifest may take to show on another node of a shared file system
 
 
 # ---- sources: iterators of documents -------------------------------------------------------------
@@ -434,25 +435,40 @@ def add_hashes(cfg: Config) -> str:
     return f"{d.dir}/{MANIFEST}: sha256 recorded for {added} shards ({len(manifest.shards) - added} had one)"
 
 
-def ensure_data(cfg: Config, is_main: bool) -> None:
-    """With data.auto_prepare, rank 0 prepares missing shards while the other ranks wait for its
-    manifest (polling, so that the watchdog sees them wait); with data.wait_for_data_s, every rank
-    waits for another job to prepare them. The caller then meets the other ranks at a barrier."""
+def wait_for_data(cfg: Config) -> None:
+    """With data.wait_for_data_s (and no data.auto_prepare): wait for another job to prepare the data."""
     d = cfg.data
     if d.wait_for_data_s and not d.auto_prepare:
         with phase("waiting for data"):
             wait_for_manifest(d.dir, d.storage_options, d.wait_for_data_s)
-        return
+
+
+def prepare_missing(cfg: Config) -> None:
+    """With data.auto_prepare, rank 0's part: prepare what data.dir lacks (the other ranks wait for
+    it, then `see_prepared_data`)."""
+    d = cfg.data
     if not d.auto_prepare:
         return
     with phase("preparing data"):
-        if not is_main:
-            wait_for_manifest(d.dir, d.storage_options, timeout_s=math.inf, poll_s=1.0, quiet=True)
-            return
         manifest = read_manifest(d.dir, d.storage_options)
         if manifest is None or not manifest.complete:
             log.info(f"preparing {d.source} into {d.dir} (data.auto_prepare=true)")
             log.info(str(prepare(cfg, progress=False)))
+
+
+def see_prepared_data(cfg: Config) -> None:
+    """On a rank other than 0, once rank 0 has prepared data.dir: its manifest must show here too
+    (a shared file system may take a while to show a new file); DataError when it does not, for
+    data.dir is then not shared with rank 0's node."""
+    d = cfg.data
+    with phase("preparing data: looking for rank 0's manifest"):
+        try:
+            wait_for_manifest(d.dir, d.storage_options, SHARED_VIEW_S, poll_s=1.0, quiet=True)
+        except DataError as err:
+            raise DataError(
+                f"rank 0 prepared the data in {d.dir}, but this rank ({socket.gethostname()}) does not see its "
+                f"{MANIFEST} after {SHARED_VIEW_S:g} s: data.dir must be storage that every node shares (a shared "
+                "file system or an object store), not a node's local disk") from err
 
 
 def _skip(docs: Iterator[str], n: int) -> Iterator[str]:

@@ -34,7 +34,6 @@ from gpt2.errors import (
     EXIT_STORAGE,
     CrashLoop,
     Gpt2Error,
-    LeaseHeld,
     exit_code,
 )
 from gpt2.evaluator import Evaluator
@@ -51,7 +50,7 @@ from gpt2.metrics import (
 from gpt2.microbatch import choose_micro_batch
 from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
-from gpt2.prepare import ensure_data
+from gpt2.prepare import prepare_missing, see_prepared_data, wait_for_data
 from gpt2.recipe import Continuation, continuation, data_identity, recipe_of
 from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, resolve_dtype, set_tf32
 from gpt2.shards import read_manifest
@@ -160,9 +159,11 @@ class Trainer:
             # resumes from is decided again, on what that trainer left
             if distributed.broadcast_object(bool(start.lease and start.lease.took_over)):
                 start = dataclasses.replace(cls.decide(cfg, dist, submission), lease=start.lease)
-            if cfg.data.auto_prepare:
-                ensure_data(cfg, dist.is_main)
-            distributed.barrier()
+            # rank 0 prepares missing data (an hour for the full corpus) while the others wait
+            distributed.decided_on_rank_0(lambda: prepare_missing(cfg), dist.is_main,
+                                          "preparing data: waiting for rank 0")
+            if cfg.data.auto_prepare and not dist.is_main:
+                see_prepared_data(cfg)
             if start.data is None:  # the corpus, now that it is prepared
                 start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
                 start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
@@ -190,8 +191,7 @@ class Trainer:
             notes.append(f"train.micro_batch=auto chose {micro_batch}: {why}")
         t = cfg.train  # a batch that cannot be split fails before any work
         grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
-        if not cfg.data.auto_prepare:
-            ensure_data(cfg, dist.is_main)  # waits for another job's data, or returns
+        wait_for_data(cfg)  # for another job's data, with data.wait_for_data_s
         data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
         # the recipe check; with data still to prepare, the corpus is compared once it is there
         going_on = continuation(plan.point.meta if plan.point else None, cfg, data)
@@ -452,21 +452,19 @@ class Trainer:
 
 def take_lease(cfg: CheckpointConfig, is_main: bool) -> Lease | None:
     """Rank 0's lease on the run (None elsewhere, and with checkpoint.lease_ttl_s=0); every rank
-    raises LeaseHeld if another trainer has it."""
-    lease, refused = None, None
-    if is_main and cfg.lease_ttl_s:
+    raises LeaseHeld if another trainer has it. Taking it may wait for an ending holder (up to
+    checkpoint.lease_wait_s); the other ranks wait as long as rank 0 lives."""
+
+    def acquire() -> Lease | None:
+        if not cfg.lease_ttl_s:
+            return None
         ensure_directory(cfg.dir, cfg.storage_options, "checkpoint.dir")
         with phase("taking the run's lease", ceiling=True):
-            try:
-                lease = Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries,
-                              wait_s=cfg.lease_wait_s, outage_s=cfg.outage_s).acquire(cfg.take_over)
-            except LeaseHeld as err:
-                refused = err
-    refused_text = distributed.broadcast_object(str(refused) if refused else None)
-    if refused is not None:
-        raise refused
-    if refused_text:
-        raise LeaseHeld(str(refused_text))
+            return Lease(cfg.dir, cfg.lease_ttl_s, cfg.storage_options, cfg.retries,
+                         wait_s=cfg.lease_wait_s, outage_s=cfg.outage_s).acquire(cfg.take_over)
+
+    lease, _ = distributed.decided_on_rank_0(acquire, is_main, "taking the run's lease: waiting for rank 0",
+                                             share=lambda lease: None)
     return lease
 
 

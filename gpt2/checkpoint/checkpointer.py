@@ -20,7 +20,7 @@ from gpt2.checkpoint.lease import Lease
 from gpt2.checkpoint.lineage import Lineage, read_lineage, write_lineage
 from gpt2.checkpoint.store import CheckpointInfo, CheckpointStore, load_checkpoint
 from gpt2.config import CheckpointConfig
-from gpt2.errors import EXIT_STORAGE, CheckpointError, CheckpointUnloadable, Gpt2Error, LeaseLost, StorageFull
+from gpt2.errors import EXIT_STORAGE, CheckpointError, CheckpointUnloadable, LeaseLost, StorageFull
 from gpt2.storage import ensure_directory, reporting_to
 from gpt2.watchdog import Work, phase
 
@@ -67,19 +67,14 @@ def plan_resume(cfg: CheckpointConfig, is_writer: bool, submission: str | None =
     """The one answer to "what would a resume load", used by every start-up step that depends on
     it (the micro-batch choice) and by the resume itself. The writer decides (reading only) and tells
     the other ranks, who get the point's URL and marker."""
-    plan, refused = None, None
-    with _following(_storage_work(cfg), "checkpoint load", lambda: float(cfg.outage_s)):
-        try:
-            plan = _plan(cfg, submission) if is_writer else None
-        except Gpt2Error as err:  # every rank refuses the start alike (message, exit code)
-            refused = err
-    # the others wait for the writer's load as long as it lives: a frozen or cut-off writer is found
-    # in about a minute, not at the ceiling
-    distributed.wait_for_all(phase_name="checkpoint load: waiting for rank 0")
-    shared = distributed.broadcast_object(
-        refused if refused is not None else (plan.point.url, plan.point.meta) if plan and plan.point else None)
-    if isinstance(shared, Gpt2Error):
-        raise refused or shared
+
+    def decide() -> ResumePlan:
+        with _following(_storage_work(cfg), "checkpoint load", lambda: float(cfg.outage_s)):
+            return _plan(cfg, submission)
+
+    plan, shared = distributed.decided_on_rank_0(
+        decide, is_writer, "checkpoint load: waiting for rank 0",
+        share=lambda plan: (plan.point.url, plan.point.meta) if plan.point else None)
     if plan is not None:
         return plan
     return ResumePlan(ResumePoint(*shared) if shared else None, Lineage("?"))  # type: ignore[misc]

@@ -72,6 +72,14 @@ def worker_pids(agent_pid: int) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if line.split() and "Z" not in line.split()[1]]
 
 
+def rank_pid(agent_pid: int, rank: int) -> int:
+    """The process of one rank of a torchrun agent."""
+    for pid in worker_pids(agent_pid):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {agent_pid}")
+
+
 def wait_until(predicate, what: str, proc: subprocess.Popen | None = None, log: Path | None = None,
                timeout: float = 180) -> float:
     """Poll `predicate` until it holds (returns the seconds it took); fail if `proc` exits first."""

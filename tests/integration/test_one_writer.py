@@ -6,6 +6,7 @@ process from a pid namespace of its own (unshare)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, run_cli
-from helpers.runs import popen_train, raw_steps, steps, stop, train, wait_until
+from helpers.runs import popen_train, rank_pid, raw_steps, steps, stop, train, wait_until
 
 from gpt2.chaos import skewed_clock
 from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, ConfigError
@@ -260,6 +261,40 @@ def test_a_second_start_with_the_same_job_identity_waits_and_a_refused_one_distu
     assert [a["exit_code"] for a in ledger if a["event"] == "end"] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
     got = steps(run)
     assert sorted(got) == list(range(len(got)))
+
+
+def test_the_other_ranks_wait_out_rank_0s_long_wait_for_the_lease_and_find_it_frozen_in_about_a_minute(tmp_path):
+    """Shipped defaults. A live trainer of the same job holds the run; a second start with two workers
+    under the launchers' torchrun waits for it to end (rank 0, up to checkpoint.lease_wait_s: 600 s).
+    Rank 1 waits with it past the 60 s floor of the step-based limit and declares no hang: rank 0
+    lives. Then rank 0 is frozen: rank 1 finds it at that floor, not at the start-up's ceiling
+    (600 s), and the second start ends without touching the holder's lease."""
+    run = fresh(tmp_path, "run")
+    job = {"GPT2_JOB_ID": "same-job"}
+    holder = popen_train(run, extra=dict(BIGGER, **{"train.max_steps": 100000}), env=job, log_name="holder.log")
+    second = None
+    log = run / "second.log"
+    found = "in phase 'taking the run's lease: waiting for rank 0' (rank 1"
+    try:
+        wait_until(lambda: (run / "ckpt" / "step-00000003" / "COMMITTED").exists(), "a checkpoint", holder,
+                   run / "holder.log")
+        second = popen_train(run, nproc=2, extra=BIGGER, env=job, log_name="second.log",
+                             launcher="gpt2.launch.torchrun")
+        wait_until(lambda: "is an earlier attempt of this job and still renews it" in log.read_text(),
+                   "the second start waiting", second, log, timeout=180)
+        time.sleep(80)  # past the floor (60 s) and a peer's staleness (15 s): the wait is progress
+        assert second.poll() is None and "no progress" not in log.read_text(), log.read_text()[-3000:]
+        os.kill(rank_pid(second.pid, 0), signal.SIGSTOP)
+        took = wait_until(lambda: found in log.read_text(), "rank 1 to find rank 0 frozen", second, log, timeout=300)
+        assert second.wait(timeout=120) != EXIT_OK
+        assert holder.poll() is None and list(lease_records(run / "ckpt")) == [1]  # the holder's, untouched
+    finally:
+        stop(holder)
+        if second is not None:
+            stop(second)
+    hang = next(line for line in log.read_text().splitlines() if found in line)
+    print(f"rank 1 found rank 0 frozen {took:.0f} s after it froze: {hang}")
+    assert "no step timed yet" in hang and 60 <= took < 120, (took, hang)  # not the 600 s ceiling
 
 
 # ---- lineage: rollback, start-over, restart ----------------------------------------------------------

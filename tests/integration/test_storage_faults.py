@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI
-from helpers.runs import losses, popen_train, steps, stop, train, wait_until, worker_pids
+from helpers.runs import losses, popen_train, rank_pid, steps, stop, train, wait_until, worker_pids
 
 from gpt2.errors import EXIT_ERROR, EXIT_HUNG
 
@@ -251,14 +251,6 @@ def test_a_host_whose_clock_is_a_day_off_is_refused_by_s3_with_one_message(tmp_p
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "was refused" in errors[0] and "15 minutes off" in errors[0], r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-
-
-def rank_pid(agent_pid: int, rank: int) -> int:
-    """The process of one rank of a torchrun agent."""
-    for pid in worker_pids(agent_pid):
-        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            return pid
-    raise AssertionError(f"no worker of rank {rank} under {agent_pid}")
 
 
 def test_a_frozen_store_is_ridden_out_and_a_rank_0_frozen_in_its_save_is_found_in_a_minute(

@@ -143,37 +143,48 @@ def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_wa
     assert clock[0] >= 3 * STALE_S
 
 
-# Two ranks over env:// (the store on rank 0, as with srun): the writer's plan refuses the start.
+# Two ranks over env:// (the store on rank 0, as with srun): rank 0 refuses the start in one of the
+# start-up's decisions (its resume plan, its lease).
 REFUSED = r"""
 import sys
 from gpt2 import distributed
 from gpt2.checkpoint import plan_resume
 from gpt2.config import CheckpointConfig
 from gpt2.errors import Gpt2Error, exit_code
+from gpt2.train import take_lease
 dist = distributed.init("cpu", 60)
+decide = {"plan": plan_resume, "lease": take_lease}[sys.argv[2]]
 try:
-    plan_resume(CheckpointConfig(dir=sys.argv[1]), dist.is_main)
+    decide(CheckpointConfig(dir=sys.argv[1]), dist.is_main)
 except Gpt2Error as err:
     print(f"rank {dist.rank} refused: {type(err).__name__} {exit_code(err)}: {err}", flush=True)
 """
 
 
-def test_a_start_the_writer_refuses_is_refused_alike_on_every_rank(tmp_path):
-    """Rank 0 cannot plan the resume (an unreadable LINEAGE): every rank raises the same typed error
-    (its message and exit code), instead of the others losing the group and exiting as for a fault."""
+@pytest.mark.parametrize("where", ["plan", "lease"])
+def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
+    """Rank 0 cannot plan the resume (an unreadable LINEAGE), or cannot take the lease (a file stands
+    where checkpoint.dir should be): every rank raises the same typed error (its message and exit
+    code), instead of the others losing the group and exiting as for a fault."""
     import socket
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "LINEAGE").write_text("not json")
+    if where == "plan":
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        (ckpt / "LINEAGE").write_text("not json")
+        expected = f"CheckpointError 1: {ckpt}/LINEAGE is unreadable"
+    else:
+        (tmp_path / "blocker").write_text("a file")
+        ckpt = tmp_path / "blocker" / "ckpt"
+        expected = f"StorageError 1: checkpoint.dir '{ckpt}' cannot be created: {tmp_path}/blocker is a file"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", REFUSED, str(ckpt)], cwd=REPO, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", REFUSED, str(ckpt), where], cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for r in (0, 1)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
-        assert f"rank {rank} refused: CheckpointError 1: {ckpt}/LINEAGE is unreadable" in out, out
+        assert f"rank {rank} refused: {expected}" in out, out

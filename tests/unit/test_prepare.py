@@ -108,3 +108,17 @@ def test_a_data_dir_under_a_file_is_named(tmp_path, corpus, bpe_dir):
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match=r"data.dir .* cannot be created: .*file is a file, not a directory"):
         prepare(cfg_for(corpus, tmp_path / "file" / "data", bpe_dir), workers=1, progress=False)
+
+
+def test_a_rank_that_does_not_see_rank_0s_prepared_data_names_the_unshared_data_dir(tmp_path, corpus, bpe_dir,
+                                                                                    monkeypatch):
+    """data.auto_prepare on several nodes whose data.dir is each node's local disk: rank 0 prepares
+    into its own, and another node, which waits for rank 0 and then sees no manifest, says that
+    data.dir must be shared (instead of waiting forever). The wait is 2 minutes; here 1 s."""
+    from gpt2 import prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "SHARED_VIEW_S", 1.0)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=r"does not see its manifest.json after 1 s: data.dir must be storage that "
+                                        r"every node shares"):
+        prepare_module.see_prepared_data(cfg_for(corpus, tmp_path / "data", bpe_dir, **{"data.auto_prepare": True}))
