@@ -6,7 +6,8 @@ torchrun still exits 1. What runs torchrun decides on that code: a PyTorchJob wi
 `restartPolicy: ExitCode` restarts a pod for 128-255 and fails the whole job for 1-127, so an
 evicted or preempted pod must not exit 1. Here a stop signal gives EXIT_PREEMPTED (the trainers were
 asked to save, and a resume continues from the newest checkpoint either way), and a failed worker
-group gives the exit code of its first failure (a signal N as 128 + N). The trainers get
+group gives the exit code of its first failure (a signal N as 128 + N; a worker killed by a signal
+yields to another's retryable exit, see `decisive_failure`). The trainers get
 SAVE_ON_STOP_S (100 s), not torch's 30 s, for that save before torchrun kills them.
 """
 
@@ -18,7 +19,7 @@ import signal
 import sys
 
 from gpt2 import logs
-from gpt2.errors import EXIT_ERROR, EXIT_PREEMPTED
+from gpt2.errors import EXIT_ERROR, EXIT_PREEMPTED, RETRYABLE
 from gpt2.launch.common import TRAINER_ENV
 
 log = logging.getLogger("gpt2.launch.torchrun")
@@ -29,6 +30,24 @@ def exit_code_of(failure_code: int) -> int:
     if failure_code < 0:
         return 128 + -failure_code
     return failure_code or EXIT_ERROR
+
+
+def decisive_failure(failures: dict[int, object]) -> tuple[int, int]:
+    """(rank, return code) of the failure that gives the exit code: the first one, except that a
+    worker killed by a signal yields to another's retryable exit. A rank that finds a peer frozen
+    kills it (SIGKILL, so torchrun's teardown need not wait for it) and then exits 201: the kill is
+    first in time, the 201 says what happened and that a restart helps (SLURM requeues on it)."""
+    def when(rank: int) -> float:
+        return failures[rank].timestamp  # type: ignore[attr-defined]
+
+    def code(rank: int) -> int:
+        return failures[rank].exitcode  # type: ignore[attr-defined]
+
+    first = min(failures, key=when)
+    retryable = [rank for rank in failures if code(rank) in RETRYABLE]
+    if code(first) < 0 and retryable:
+        first = min(retryable, key=when)
+    return first, code(first)
 
 
 def kill_stopped_workers_first() -> None:
@@ -79,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{EXIT_PREEMPTED} (preempted), so that the job is restarted and resumes")
         return EXIT_PREEMPTED
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        code = exit_code_of(failure.exitcode)
+        rank, returned = decisive_failure(err.failures)
+        code = exit_code_of(returned)
         log.error("%s", err)
-        log.error(f"the trainers failed (first: rank {rank}, exit code {failure.exitcode}); exiting {code}")
+        log.error(f"the trainers failed (rank {rank}, exit code {returned}); exiting {code}")
         return code
     return 0
 

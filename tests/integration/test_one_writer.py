@@ -19,7 +19,7 @@ from conftest import IN_CI, run_cli
 from helpers.runs import popen_train, rank_pid, raw_steps, steps, stop, train, wait_until
 
 from gpt2.chaos import skewed_clock
-from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_PREEMPTED, ConfigError
+from gpt2.errors import EXIT_CONFIG, EXIT_ERROR, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED, ConfigError
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint.every": 3,
           "train.max_steps": 5000, "eval.val_every": 0}
@@ -286,7 +286,7 @@ def test_the_other_ranks_wait_out_rank_0s_long_wait_for_the_lease_and_find_it_fr
         assert second.poll() is None and "no progress" not in log.read_text(), log.read_text()[-3000:]
         os.kill(rank_pid(second.pid, 0), signal.SIGSTOP)
         took = wait_until(lambda: found in log.read_text(), "rank 1 to find rank 0 frozen", second, log, timeout=300)
-        assert second.wait(timeout=120) != EXIT_OK
+        assert second.wait(timeout=120) == EXIT_HUNG  # rank 1's, though rank 0 (killed by it) failed first
         assert holder.poll() is None and list(lease_records(run / "ckpt")) == [1]  # the holder's, untouched
     finally:
         stop(holder)

@@ -167,3 +167,18 @@ def test_torchrun_exit_codes_keep_a_signal_retryable():
 
     assert exit_code_of(2) == 2 and exit_code_of(200) == 200
     assert exit_code_of(-9) == 137 and exit_code_of(-15) == 143
+
+
+def test_a_worker_killed_by_a_peer_that_found_it_frozen_yields_to_the_peers_201():
+    """torchrun's first failure is the frozen worker that its peer killed (SIGKILL, -9); the exit code
+    is the peer's 201 (retryable: SLURM requeues on it), not 137. Otherwise the first failure decides."""
+    from types import SimpleNamespace as Failure
+
+    from gpt2.launch.torchrun import decisive_failure, exit_code_of
+
+    killed_then_hung = {0: Failure(exitcode=-9, timestamp=100.0), 1: Failure(exitcode=201, timestamp=100.5)}
+    assert decisive_failure(killed_then_hung) == (1, 201)
+    config_error = {0: Failure(exitcode=2, timestamp=100.0), 1: Failure(exitcode=201, timestamp=100.5)}
+    assert decisive_failure(config_error) == (0, 2)
+    killed_alone = {0: Failure(exitcode=-9, timestamp=100.0), 1: Failure(exitcode=1, timestamp=100.5)}
+    assert decisive_failure(killed_alone) == (0, -9) and exit_code_of(-9) == 137
