@@ -33,6 +33,7 @@ from gpt2.errors import (
     EXIT_PREEMPTED,
     EXIT_STORAGE,
     CrashLoop,
+    DataError,
     Gpt2Error,
     exit_code,
 )
@@ -167,7 +168,7 @@ class Trainer:
             if start.data is None:  # the corpus, now that it is prepared
                 start.data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
                 start.continuation = continuation(start.resume.meta if start.resume else None, cfg, start.data)
-            start.hosts = sorted(set(distributed.all_gather_object(socket.gethostname())))  # type: ignore[arg-type]
+            start.hosts = same_data_everywhere(cfg, start.data)
             start.step_times = distributed.broadcast_object(  # type: ignore[assignment]
                 recent_step_times(cfg.logging.dir, dist.world_size, RECENT_STEPS) if dist.is_main else None)
             return cls(cfg, dist, start, watchdog)
@@ -180,8 +181,8 @@ class Trainer:
     def decide(cfg: Config, dist: distributed.Dist, submission: str | None) -> StartUp:
         """What this start resumes from and how it goes on, reading only: every check that can refuse it."""
         plan = plan_resume(cfg.checkpoint, dist.is_main, submission)
-        if dist.is_main:
-            refuse_crash_loop(cfg, submission, plan)
+        distributed.decided_on_rank_0(lambda: refuse_crash_loop(cfg, submission, plan), dist.is_main,
+                                      "checking for a crash loop: waiting for rank 0")
         if plan.point is not None and plan.point.state is not None:
             with torch.device("meta"):  # shapes only, no memory
                 check_fits(plan.point, {"model": build_model(cfg.model)})
@@ -215,7 +216,8 @@ class Trainer:
         self.model: torch.nn.Module = self.raw_model
         if cfg.train.compile:
             self.model = torch.compile(self.model, mode=cfg.train.compile_mode)
-        if dist.world_size > 1:
+        if dist.world_size > 1:  # DDP's constructor is a collective: a frozen peer is found at the barrier
+            distributed.wait_for_all(phase_name="start-up: waiting for every rank's model")
             self.model = DDP(self.model, device_ids=[dist.local_rank] if self.device.type == "cuda" else None,
                              bucket_cap_mb=cfg.train.ddp_bucket_cap_mb, gradient_as_bucket_view=True,
                              static_graph=cfg.train.ddp_static_graph)
@@ -243,6 +245,9 @@ class Trainer:
         self.announce(n_params)
         if dist.is_main and start.plan is not None:  # only now, with this attempt on record
             apply_plan(cfg.checkpoint, start.plan, self.lease.fence if self.lease else lambda: None)
+        # the others wait for rank 0's part (moving checkpoints aside on an object store copies them)
+        # as long as it lives, not in the first step's collective under the step times from before
+        distributed.wait_for_all(phase_name="start-up: waiting for every rank")
 
     def announce(self, n_params: int) -> None:
         """Say what this run is: on the console, in the attempt ledger, and once per start in TensorBoard."""
@@ -448,6 +453,18 @@ class Trainer:
         self.metrics.close()
         if self.lease is not None:
             self.lease.release()
+
+
+def same_data_everywhere(cfg: Config, data: str | None) -> list[str]:
+    """The run's hosts, once every rank found the same data (its identity) in data.dir; DataError
+    on every rank where a node holds other data (a node-local data.dir prepared apart)."""
+    views: list[tuple[str, str | None]] = distributed.all_gather_object((socket.gethostname(), data))  # type: ignore[assignment]
+    others = sorted({host for host, seen in views if seen != views[0][1]})
+    if others:
+        raise DataError(f"data.dir {cfg.data.dir} holds other data on {', '.join(others)} than on rank 0's node "
+                        f"({views[0][0]}): data.dir must be storage that every node shares (a shared file system "
+                        "or an object store)")
+    return sorted({host for host, _ in views})
 
 
 def take_lease(cfg: CheckpointConfig, is_main: bool) -> Lease | None:

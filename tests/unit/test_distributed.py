@@ -144,7 +144,7 @@ def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_wa
 
 
 # Two ranks over env:// (the store on rank 0, as with srun): rank 0 refuses the start in one of the
-# start-up's decisions (its resume plan, its lease).
+# start-up's decisions (its resume plan, its lease), or the ranks see different data.
 REFUSED = r"""
 import sys
 from gpt2 import distributed
@@ -153,19 +153,25 @@ from gpt2.config import CheckpointConfig
 from gpt2.errors import Gpt2Error, exit_code
 from gpt2.train import take_lease
 dist = distributed.init("cpu", 60)
-decide = {"plan": plan_resume, "lease": take_lease}[sys.argv[2]]
+from gpt2.train import same_data_everywhere
+from types import SimpleNamespace
+decide = {"plan": lambda: plan_resume(CheckpointConfig(dir=sys.argv[1]), dist.is_main),
+          "lease": lambda: take_lease(CheckpointConfig(dir=sys.argv[1]), dist.is_main),
+          "data": lambda: same_data_everywhere(SimpleNamespace(data=SimpleNamespace(dir=sys.argv[1])),
+                                               f"prepared on rank {dist.rank}")}[sys.argv[2]]
 try:
-    decide(CheckpointConfig(dir=sys.argv[1]), dist.is_main)
+    decide()
 except Gpt2Error as err:
     print(f"rank {dist.rank} refused: {type(err).__name__} {exit_code(err)}: {err}", flush=True)
 """
 
 
-@pytest.mark.parametrize("where", ["plan", "lease"])
+@pytest.mark.parametrize("where", ["plan", "lease", "data"])
 def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
     """Rank 0 cannot plan the resume (an unreadable LINEAGE), or cannot take the lease (a file stands
-    where checkpoint.dir should be): every rank raises the same typed error (its message and exit
-    code), instead of the others losing the group and exiting as for a fault."""
+    where checkpoint.dir should be), or the ranks found different data in data.dir: every rank raises
+    the same typed error (its message and exit code), instead of the others losing the group and
+    exiting as for a fault."""
     import socket
 
     if where == "plan":
@@ -173,6 +179,9 @@ def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
         ckpt.mkdir()
         (ckpt / "LINEAGE").write_text("not json")
         expected = f"CheckpointError 1: {ckpt}/LINEAGE is unreadable"
+    elif where == "data":  # each rank's data.dir holds its own corpus (a node-local disk, prepared apart)
+        ckpt = tmp_path / "data"
+        expected = f"DataError 1: data.dir {ckpt} holds other data on"
     else:
         (tmp_path / "blocker").write_text("a file")
         ckpt = tmp_path / "blocker" / "ckpt"
