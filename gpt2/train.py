@@ -193,7 +193,9 @@ class Trainer:
         t = cfg.train  # a batch that cannot be split fails before any work
         grad_accum_steps(t.total_batch_tokens, micro_batch, t.seq_len, dist.world_size)
         wait_for_data(cfg)  # for another job's data, with data.wait_for_data_s
-        data = data_identity(read_manifest(cfg.data.dir, cfg.data.storage_options))
+        manifest = read_manifest(cfg.data.dir, cfg.data.storage_options)
+        # a corpus still being prepared (data.auto_prepare after a cut preparation) is not the corpus
+        data = data_identity(manifest) if manifest is not None and manifest.complete else None
         # the recipe check; with data still to prepare, the corpus is compared once it is there
         going_on = continuation(plan.point.meta if plan.point else None, cfg, data)
         return StartUp(micro_batch, plan, None, data, going_on, notes)  # type: ignore[arg-type]

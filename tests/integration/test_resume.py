@@ -209,3 +209,38 @@ def test_only_corrupt_checkpoints_fail_the_run_until_told_to_start_over(tmp_path
     assert r.returncode == 0 and "starting from scratch" in r.stdout, r.stdout + r.stderr
 
 
+
+
+class _Cut(BaseException):  # a kill: not retried as a storage error
+    pass
+
+
+def test_a_start_that_finishes_a_cut_preparation_records_the_whole_corpus_and_resumes_later(tmp_path, monkeypatch):
+    """data.auto_prepare (the demo's) after a preparation cut short after 3 shards: the next start
+    finishes it and trains; its checkpoints record the whole corpus, not the part it first found,
+    so a later start resumes from them (it used to be refused as a changed corpus)."""
+    from conftest import tiny_overrides
+
+    import gpt2.prepare as prep
+    from gpt2.config import load_config
+    from gpt2.shards import read_manifest
+
+    real_write, written = prep.write_bytes, []
+
+    def cut_after_3_shards(fs, path, data):
+        if path.endswith(".npy") and len(written) == 3:
+            raise _Cut("cut")
+        real_write(fs, path, data)
+        written.append(path)
+
+    monkeypatch.setattr(prep, "write_bytes", cut_after_3_shards)
+    with pytest.raises(_Cut):
+        prep.prepare(load_config("configs/demo.yaml", tiny_overrides(tmp_path)), progress=False)
+    assert not read_manifest(str(tmp_path / "data")).complete
+
+    first = train(tmp_path, extra={"train.max_steps": 8})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "preparing builtin:pydoc" in first.stdout + first.stderr
+    later = train(tmp_path, extra={"train.max_steps": 12})
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert "resumed from" in later.stdout + later.stderr and sorted(steps(tmp_path)) == list(range(12))
