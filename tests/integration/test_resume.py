@@ -209,8 +209,6 @@ def test_only_corrupt_checkpoints_fail_the_run_until_told_to_start_over(tmp_path
     assert r.returncode == 0 and "starting from scratch" in r.stdout, r.stdout + r.stderr
 
 
-
-
 class _Cut(BaseException):  # a kill: not retried as a storage error
     pass
 

@@ -147,14 +147,13 @@ def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_wa
 # start-up's decisions (its resume plan, its lease), or the ranks see different data.
 REFUSED = r"""
 import sys
+from types import SimpleNamespace
 from gpt2 import distributed
 from gpt2.checkpoint import plan_resume
 from gpt2.config import CheckpointConfig
 from gpt2.errors import Gpt2Error, exit_code
-from gpt2.train import take_lease
+from gpt2.train import same_data_everywhere, take_lease
 dist = distributed.init("cpu", 60)
-from gpt2.train import same_data_everywhere
-from types import SimpleNamespace
 decide = {"plan": lambda: plan_resume(CheckpointConfig(dir=sys.argv[1]), dist.is_main),
           "lease": lambda: take_lease(CheckpointConfig(dir=sys.argv[1]), dist.is_main),
           "data": lambda: same_data_everywhere(SimpleNamespace(data=SimpleNamespace(dir=sys.argv[1])),
