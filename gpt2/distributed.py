@@ -89,18 +89,21 @@ def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
 
 
 def teardown() -> None:
-    """Leave the process group cleanly.
+    """Leave the process group cleanly, once every rank has finished (rank 0 may still be releasing
+    the lease on a slow store: waited for as long as it lives; a frozen or cut-off rank is found in
+    about a minute, not at the ceiling). GroupLost where rank 0's store is gone.
 
     A process that exits while a DDP module is alive aborts now and then under gloo
     ("terminate called without an active exception"); callers `del` their DDP module first, then
     collecting, a barrier and destroying the group avoids that.
     """
     gc.collect()
-    _liveness.stop()
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
+    try:
+        if dist.is_initialized():
+            wait_for_all(phase_name="finishing: waiting for every rank to finish")  # ends in a barrier
+    finally:
+        _liveness.stop()  # after the wait: the others judge this rank by its heartbeat meanwhile
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -223,7 +226,7 @@ class Liveness:
                 store.add(f"gpt2/alive/{rank}", 1)
                 failing = False
             except Exception as err:  # this rank now looks gone to the others, as they are to it
-                if not failing:
+                if not failing and not stop.is_set():  # (not when the group was just left: rank 0 may be gone)
                     log.error(f"rank {rank} cannot reach the process group's store ({type(err).__name__}: {err}); "
                                 "the other ranks will count it as gone if this lasts")
                 failing = True

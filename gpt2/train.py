@@ -543,7 +543,11 @@ def run(cfg: Config) -> int:
                     trainer.close()
                 trainer = None  # the DDP module goes before the process group
                 if code in (EXIT_OK, EXIT_PREEMPTED):
-                    distributed.teardown()
+                    try:
+                        distributed.teardown()
+                    except Gpt2Error as err:  # rank 0 gone at the very end: its checkpoints decide the restart
+                        log.error("%s", err)
+                        code = exit_code(err)
                 else:
                     distributed.abort()
     if code == EXIT_OK and dist is not None and dist.is_main:

@@ -196,3 +196,63 @@ def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
         assert f"rank {rank} refused: {expected}" in out, out
+
+
+# Two ranks over env:// at the end of a run, each under a watchdog with the shipped limits, as in
+# `gpt2.train.run`: rank 0 takes 75 s to finish (a final lease release on a slow store), or freezes
+# (SIGSTOP) before it reaches the teardown.
+FINISHING = r"""
+import os, signal, sys, time
+from gpt2 import distributed, logs
+from gpt2.config import TrainConfig
+from gpt2.watchdog import Watchdog
+logs.setup()
+ceiling = TrainConfig().hang_timeout_s
+dist = distributed.init("cpu", 2 * ceiling)
+logs.setup(dist.rank)
+with Watchdog(ceiling, where=lambda: f"rank {dist.rank}") as watchdog:
+    with watchdog.phase("finishing (the last records, the lease, the group's teardown)", ceiling=True):
+        if dist.rank == 0:
+            if sys.argv[1] == "frozen":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(75)
+        t0 = time.monotonic()
+        distributed.teardown()
+print(f"rank {dist.rank} left the group after {time.monotonic() - t0:.0f} s", flush=True)
+"""
+
+
+def test_the_ranks_wait_for_a_slow_finish_and_find_a_frozen_rank_0_in_about_a_minute():
+    """At the end of a run the other ranks wait for rank 0 (its last records, the lease's release)
+    as long as it lives, past the 60 s floor, and all leave cleanly; a rank 0 that froze is found in
+    about a minute (exit 201, the phase named), not at train.hang_timeout_s (600 s). Both groups run
+    at once."""
+    import socket
+
+    groups = {}
+    for case in ("slow", "frozen"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        groups[case] = [subprocess.Popen([sys.executable, "-c", FINISHING, case], cwd=REPO, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                        for r in (0, 1)]
+    t0 = time.monotonic()
+    try:
+        frozen_rank_1 = groups["frozen"][1].communicate(timeout=300)[0]
+        found_after = time.monotonic() - t0
+        slow = [p.communicate(timeout=300)[0] for p in groups["slow"]]
+    finally:
+        for p in groups["frozen"] + groups["slow"]:
+            p.kill()
+            p.wait()
+    assert groups["frozen"][1].returncode == 201, frozen_rank_1
+    assert "in phase 'finishing: waiting for every rank to finish'" in frozen_rank_1, frozen_rank_1
+    assert 60 <= found_after < 150, (found_after, frozen_rank_1)
+    for rank, out in enumerate(slow):
+        assert groups["slow"][rank].returncode == 0, out
+        assert f"rank {rank} left the group" in out, out
+    waited = int(slow[1].split("rank 1 left the group after ")[1].split()[0])
+    assert waited >= 70, slow[1]  # rank 1 did wait past the floor for rank 0
