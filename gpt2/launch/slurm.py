@@ -52,6 +52,7 @@ log = logging.getLogger("gpt2.launch.slurm")
 
 DEFAULT_CPUS_PER_GPU = 8
 # squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
+SLURM_CALL_S = 60.0  # slurmctld answers in about a second; one that is down or swamped must not hold us for good
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
                 "InvalidQOS", "AccountNotAllowed", "QOSMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit")
 
@@ -144,6 +145,20 @@ class PreparePlan(Plan):
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 _NAME = re.compile(r"^[A-Za-z0-9_.,:+-]+$")  # partition, account, qos, job name: no spaces, newlines, quotes
+
+
+def slurm_command(args: list[str], check: bool = True) -> str:
+    """The output of a SLURM command (sinfo, squeue, scontrol, scancel); LaunchError if it gives no
+    answer within SLURM_CALL_S or (with `check`) fails."""
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=SLURM_CALL_S)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"`{shlex.join(args)}` gave no answer within {SLURM_CALL_S:g} s: slurmctld is down or "
+                          "overloaded (`scontrol ping` says which); try again once it answers") from None
+    if check and done.returncode != 0:
+        said = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        raise LaunchError(f"`{shlex.join(args)}` failed: {said[0]}")
+    return done.stdout
 
 
 def time_to_minutes(spec: str) -> int:
@@ -316,10 +331,10 @@ def check_cluster(opts: Options) -> int | None:
     fmt = ["sinfo", "-h", "-o", "%P %G %D %c"]
     if opts.partition:
         fmt += ["-p", opts.partition]
-    out = subprocess.run(fmt, capture_output=True, text=True).stdout.split("\n")
+    out = slurm_command(fmt).split("\n")
     rows = [line.split() for line in out if line.strip()]
     if opts.partition and not rows:
-        known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()
+        known = slurm_command(["sinfo", "-h", "-o", "%P"]).split()
         raise LaunchError(f"partition '{opts.partition}' does not exist; partitions: {', '.join(known) or 'none'}")
     if opts.gpus:
         best = 0
@@ -349,8 +364,7 @@ class JobTask:
     def __call__(self) -> int:
         logs.setup()  # a process of its own on the node
         env = dict(os.environ, **TRAINER_ENV)
-        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
+        hosts = slurm_command(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]]).split()
         cmd = self.plan.command(first_host=hosts[0], job_id=os.environ.get("SLURM_JOB_ID", "gpt2"))
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         log.info(f"[gpt2] node {os.environ.get('SLURM_NODEID')} (requeue {restart}): {shlex.join(cmd)}")
@@ -365,8 +379,11 @@ class JobTask:
                 time.sleep(60)  # a preempted peer: task 0 is about to requeue the job, which ends us
             elif code in (EXIT_HUNG, EXIT_STORAGE) and int(restart) < self.plan.executor_params["max_num_timeout"]:
                 log.info(f"[gpt2] the trainers exited {code} (retryable); requeueing job {os.environ['SLURM_JOB_ID']}")
-                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-                time.sleep(60)  # the requeue ends this task
+                try:
+                    slurm_command(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]])
+                    time.sleep(60)  # the requeue ends this task
+                except LaunchError as err:
+                    log.error(f"[gpt2] could not requeue: {err}")
             raise RuntimeError(f"{shlex.join(cmd[:3])} exited with {code}; see the log above")
         return code
 
@@ -412,7 +429,11 @@ def dry_run_text(p: Plan) -> str:
 
 def never_starts(job_id: str) -> str | None:
     """The reason a pending job can never start (it asks more than its partition allows), else None."""
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True).stdout
+    try:
+        out = slurm_command(["squeue", "-h", "-j", job_id, "-o", "%T|%r"], check=False)
+    except LaunchError as err:  # asked again at the next poll
+        log.warning(f"[gpt2] {err}")
+        return None
     state, _, reason = out.strip().partition("|")
     return reason if state == "PENDING" and reason.startswith(NEVER_STARTS) else None
 
@@ -424,7 +445,10 @@ def follow(job, log_path: Path) -> int:
     while True:
         reason = never_starts(job.job_id)
         if reason:
-            subprocess.run(["scancel", job.job_id], capture_output=True)
+            try:
+                slurm_command(["scancel", job.job_id], check=False)
+            except LaunchError as err:
+                log.error(f"[gpt2] {err}: cancel job {job.job_id} yourself (scancel {job.job_id})")
             log.error(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
                       "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
                       "options); cancelled it")
@@ -488,8 +512,12 @@ def submit(opts: Options, dry_run: bool = False, do_follow: bool = False, with_p
         code = follow(job, log_path)
         if code != 0:
             if job is not last:
-                subprocess.run(["scancel", last.job_id], capture_output=True)
-                log.info(f"[gpt2] cancelled the training job {last.job_id}: its preparation failed")
+                try:
+                    slurm_command(["scancel", last.job_id], check=False)
+                    log.info(f"[gpt2] cancelled the training job {last.job_id}: its preparation failed")
+                except LaunchError as err:
+                    log.error(f"[gpt2] {err}: cancel the training job yourself (scancel {last.job_id}); its "
+                              "preparation failed")
             return code
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -182,3 +183,27 @@ def test_a_worker_killed_by_a_peer_that_found_it_frozen_yields_to_the_peers_201(
     assert decisive_failure(config_error) == (0, 2)
     killed_alone = {0: Failure(exitcode=-9, timestamp=100.0), 1: Failure(exitcode=1, timestamp=100.5)}
     assert decisive_failure(killed_alone) == (0, -9) and exit_code_of(-9) == 137
+
+
+def _on_path(tmp_path, monkeypatch, name: str, body: str) -> None:
+    """A program `name` first on PATH (a real process, as a stuck or failing SLURM command is)."""
+    (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+    (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_a_slurm_command_that_fails_or_never_answers_is_an_error_naming_it(tmp_path, monkeypatch):
+    """sinfo that cannot reach slurmctld is a LaunchError with its message (not an empty cluster,
+    which read as 'partition does not exist'); one that never answers is cut off at SLURM_CALL_S
+    (here 1 s instead of 60: the timeout is what is tested); squeue's hang in a follow loop is a
+    warning and no verdict."""
+    from gpt2.launch import slurm
+
+    _on_path(tmp_path, monkeypatch, "sinfo", "echo 'sinfo: error: Unable to contact slurm controller' >&2; exit 1")
+    with pytest.raises(LaunchError, match="`sinfo -h -o '%P %G %D %c'` failed: sinfo: error: Unable to contact"):
+        slurm.slurm_command(["sinfo", "-h", "-o", "%P %G %D %c"])
+    monkeypatch.setattr(slurm, "SLURM_CALL_S", 1.0)
+    _on_path(tmp_path, monkeypatch, "squeue", "exec sleep 60")
+    with pytest.raises(LaunchError, match=r"`squeue -h` gave no answer within 1 s: slurmctld is down or overloaded"):
+        slurm.slurm_command(["squeue", "-h"])
+    assert slurm.never_starts("42") is None
