@@ -51,8 +51,8 @@ from gpt2.storage import StorageError
 log = logging.getLogger("gpt2.launch.slurm")
 
 DEFAULT_CPUS_PER_GPU = 8
-# squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
 SLURM_CALL_S = 60.0  # slurmctld answers in about a second; one that is down or swamped must not hold us for good
+# squeue reasons that no amount of waiting changes: the request exceeds what the partition allows.
 NEVER_STARTS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
                 "InvalidQOS", "AccountNotAllowed", "QOSMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit")
 
@@ -447,11 +447,12 @@ def follow(job, log_path: Path) -> int:
         if reason:
             try:
                 slurm_command(["scancel", job.job_id], check=False)
+                done = "cancelled it"
             except LaunchError as err:
-                log.error(f"[gpt2] {err}: cancel job {job.job_id} yourself (scancel {job.job_id})")
+                done = f"{err}: cancel it yourself (scancel {job.job_id})"
             log.error(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
                       "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
-                      "options); cancelled it")
+                      f"options); {done}")
             return 1
         done = job.done(force_check=True)
         if log_path.exists():
