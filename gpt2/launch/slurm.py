@@ -447,12 +447,12 @@ def follow(job, log_path: Path) -> int:
         if reason:
             try:
                 slurm_command(["scancel", job.job_id], check=False)
-                done = "cancelled it"
+                cancelled = "cancelled it"
             except LaunchError as err:
-                done = f"{err}: cancel it yourself (scancel {job.job_id})"
+                cancelled = f"{err}: cancel it yourself (scancel {job.job_id})"
             log.error(f"[gpt2] job {job.job_id} can never start (squeue: Reason={reason}: it asks more than the "
                       "partition allows; see `scontrol show partition` and the --nodes/--gpus/--cpus-per-gpu/--time "
-                      f"options); {done}")
+                      f"options); {cancelled}")
             return 1
         done = job.done(force_check=True)
         if log_path.exists():
