@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.max_steps = max(cfg.train.max_steps, args.warmup + args.steps)
         dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
         logs.setup(dist.rank)
-        if args.synthetic_data and dist.is_main:
+        if args.synthetic_data:  # on every rank, each in its own temporary directory: the same tokens (seed 0)
             need = (args.warmup + args.steps) * cfg.train.total_batch_tokens * 11 // 10 + 10 * cfg.train.seq_len
             synthetic_shards(cfg.data.dir, cfg.tokenizer.name, need, min(cfg.model.vocab_size, 50257))
         trainer = Trainer.build(cfg, dist)

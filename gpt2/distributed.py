@@ -252,6 +252,7 @@ class Liveness:
         last: list[bytes] = []
         since: list[float] = []
         failing_since: float | None = None
+        polls = 0
         while True:
             try:
                 if not arrived:
@@ -288,7 +289,8 @@ class Liveness:
                 log.error(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while the others wait for them "
                           "(frozen, cut off or gone); the watchdog ends this wait at its limit")
                 said = True
-            time.sleep(POLL_S)
+            polls += 1
+            time.sleep(min(POLL_S, 0.01 * 2**polls))  # ranks that arrive together leave together, not 0.5 s later
         barrier()  # cheap now that every rank is here; keeps every backend's collective order
 
 

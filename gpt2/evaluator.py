@@ -13,7 +13,7 @@ import torch
 from gpt2 import hellaswag
 from gpt2.config import Config
 from gpt2.data import ValLoader
-from gpt2.distributed import Dist, all_reduce_sum, wait_for_all
+from gpt2.distributed import Dist, all_gather_object, all_reduce_sum, wait_for_all
 from gpt2.metrics import MetricsLogger
 from gpt2.model import GPT
 from gpt2.sample import sample_texts
@@ -59,7 +59,7 @@ class Evaluator:
             # missing tokenizer files fail now, not at the first sample
             self.tokenizer = get_tokenizer(cfg.tokenizer.name, cfg.tokenizer.files_dir)
         self._hellaswag_path: Path | None = None
-        self._hellaswag_unavailable = False
+        self._hellaswag_checked = False
         self.seconds = 0.0  # spent evaluating in this attempt (for goodput)
 
     @torch.no_grad()
@@ -128,11 +128,18 @@ class Evaluator:
         self.metrics.text("samples", "\n\n".join(f"{i}: {t}" for i, t in enumerate(texts)), step)
 
     def hellaswag_path(self) -> Path | None:
-        """The HellaSwag file, found (or downloaded) once; None, with one warning, when unavailable."""
-        if self._hellaswag_path is None and not self._hellaswag_unavailable:
+        """The HellaSwag file, found (or downloaded) once; None on every rank, with a warning, when a
+        rank cannot have it: each rank scores its share, so a rank without the file would leave the
+        others waiting in the evaluation's all-reduce."""
+        if not self._hellaswag_checked:
+            self._hellaswag_checked = True
+            why = None
             try:
                 self._hellaswag_path = hellaswag.data_path(self.e.hellaswag_path)
             except hellaswag.HellaSwagUnavailable as err:
-                log.warning(f"HellaSwag disabled for this run: {err}")
-                self._hellaswag_unavailable = True
+                why = str(err)
+            lacking = [f"rank {r}: {w}" for r, w in enumerate(all_gather_object(why)) if w]
+            if lacking:
+                log.warning(f"HellaSwag disabled for this run ({'; '.join(lacking)})")
+                self._hellaswag_path = None
         return self._hellaswag_path

@@ -509,8 +509,9 @@ def run(cfg: Config) -> int:
             log.error(f"killed this node's stopped worker(s) {stopped}: torchrun would wait 30 s for them to "
                       "answer its SIGTERM, which a stopped process never does")
 
+    last_step: list[int | str] = ["?"]  # for the watchdog's message once the trainer is gone (the teardown)
     watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, before_exit=end_stopped_peers, where=lambda: (
-        f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else '?'}"))
+        f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else last_step[0]}"))
     with watchdog:  # everything, the clean-up after the loop too, is watched
         try:
             # collectives time out after twice the watchdog's ceiling: the watchdog, with its clearer
@@ -541,6 +542,7 @@ def run(cfg: Config) -> int:
                 if trainer is not None:
                     trainer.record_end(code, reason)
                     trainer.close()
+                    last_step[0] = trainer.progress.step
                 trainer = None  # the DDP module goes before the process group
                 if code in (EXIT_OK, EXIT_PREEMPTED):
                     try:

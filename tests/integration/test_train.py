@@ -131,6 +131,17 @@ def test_bench_times_the_real_training_step_on_cpu():
     assert result["peak_memory_gib"] > 0
 
 
+def test_bench_runs_under_torchrun_with_synthetic_data():
+    """The DDP benchmark of docs/performance.md: each rank writes the same synthetic tokens into its
+    own temporary directory, and the start-up's check that every rank sees the same data passes."""
+    r = run_cli(["-m", "gpt2.launch.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "gpt2.bench",
+                 "configs/demo.yaml", "--steps", "2", "--warmup", "1", "--json", "--synthetic-data",
+                 "model.n_layer=2", "train.total_batch_tokens=2048"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["grad_accum"] == 1 and result["tokens_per_sec"] > 0
+
+
 def test_evaluate_and_sample_commands_on_a_checkpoint(tmp_path):
     hs = shared_file("hellaswag_val.jsonl")
     r = train(tmp_path, extra={"train.max_steps": 2})

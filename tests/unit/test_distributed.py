@@ -256,3 +256,47 @@ def test_the_ranks_wait_for_a_slow_finish_and_find_a_frozen_rank_0_in_about_a_mi
         assert f"rank {rank} left the group" in out, out
     waited = int(slow[1].split("rank 1 left the group after ")[1].split()[0])
     assert waited >= 70, slow[1]  # rank 1 did wait past the floor for rank 0
+
+
+# Two ranks over env://, each with its own eval.hellaswag_path: rank 1's file is missing (a node
+# whose download failed, a path that exists on one node only).
+HELLASWAG = r"""
+import sys
+from contextlib import nullcontext
+from gpt2 import distributed, logs
+from gpt2.config import load_config
+from gpt2.evaluator import Evaluator
+from gpt2.model import GPT
+logs.setup()
+dist = distributed.init("cpu", 60)
+path = sys.argv[1] if dist.rank == 0 else sys.argv[1] + ".absent"
+cfg = load_config("configs/demo.yaml", ["model.n_layer=1", "model.n_embd=16", "model.n_head=2",
+                                       f"eval.hellaswag_path={path}"])
+model = GPT(cfg.model)
+evaluator = Evaluator(cfg, dist, model, model, None, nullcontext(), None)
+print(f"rank {dist.rank} scores HellaSwag: {evaluator.hellaswag_path() is not None}", flush=True)
+distributed.teardown()
+"""
+
+
+def test_hellaswag_is_skipped_on_every_rank_when_one_rank_lacks_the_file(tmp_path):
+    """Each rank scores its share of HellaSwag and the shares are all-reduced: a rank without the file
+    skipping it alone would leave the others in the collective until the watchdog ends the run (and
+    every restart). Every rank skips it, and rank 0 says which rank lacks it and why."""
+    import socket
+
+    hs = tmp_path / "hellaswag_val.jsonl"
+    hs.write_text("{}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", HELLASWAG, str(hs)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for rank, out in enumerate(outs):
+        assert procs[rank].returncode == 0, out
+        assert f"rank {rank} scores HellaSwag: False" in out, out
+    assert f"HellaSwag disabled for this run (rank 1: eval.hellaswag_path={hs}.absent does not exist)" in outs[0]
