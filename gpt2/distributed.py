@@ -289,7 +289,7 @@ class Liveness:
                 log.error(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while the others wait for them "
                           "(frozen, cut off or gone); the watchdog ends this wait at its limit")
                 said = True
-            polls += 1
+            polls = min(polls + 1, 6)
             time.sleep(min(POLL_S, 0.01 * 2**polls))  # ranks that arrive together leave together, not 0.5 s later
         barrier()  # cheap now that every rank is here; keeps every backend's collective order
 

@@ -143,6 +143,21 @@ def test_a_rank_told_to_stop_while_a_peer_is_silent_leaves_at_once_instead_of_wa
     assert clock[0] >= 3 * STALE_S
 
 
+def test_an_hour_long_wait_for_a_living_rank_0_polls_at_a_steady_pace(monkeypatch):
+    """Rank 0 prepares the full corpus (an hour) while the others wait: the wait polls every POLL_S
+    (after a quick start) for as long as it lasts."""
+    from gpt2 import distributed
+    from gpt2.distributed import POLL_S
+
+    clock = [0.0]
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    store = _SilentRank0Store(clock, arrives_at=3600.0)
+    store.multi_get = lambda keys: [str(clock[0]).encode()] * 2  # every rank beats
+    liveness = _waiting_rank_1(monkeypatch, store, clock)
+    liveness.wait_for_all()
+    assert 3600.0 <= clock[0] < 3600.0 + POLL_S
+
+
 # Two ranks over env:// (the store on rank 0, as with srun): rank 0 refuses the start in one of the
 # start-up's decisions (its resume plan, its lease), or the ranks see different data.
 REFUSED = r"""
