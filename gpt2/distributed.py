@@ -252,7 +252,6 @@ class Liveness:
         last: list[bytes] = []
         since: list[float] = []
         failing_since: float | None = None
-        polls = 0
         while True:
             try:
                 if not arrived:
@@ -289,8 +288,7 @@ class Liveness:
                 log.error(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while the others wait for them "
                           "(frozen, cut off or gone); the watchdog ends this wait at its limit")
                 said = True
-            polls = min(polls + 1, 6)
-            time.sleep(min(POLL_S, 0.01 * 2**polls))  # ranks that arrive together leave together, not 0.5 s later
+            time.sleep(POLL_S)
         barrier()  # cheap now that every rank is here; keeps every backend's collective order
 
 
