@@ -496,10 +496,12 @@ def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_b
 
 def test_a_preemption_save_slower_than_torchruns_30_s_default_completes(tmp_path, store_behind_a_link):
     """Two workers under gpt2.launch.torchrun (the launchers' torchrun), checkpoint.dir on an S3 store
-    whose uploads a tc link slows to 512 kbit/s, shipped defaults. SIGTERM (a preemption): the final
+    whose uploads a tc link slows to 768 kbit/s, shipped defaults. SIGTERM (a preemption): the final
     save takes longer than the 30 s that torchrun gives its workers by default before SIGKILL; with
     the launchers' TORCH_ELASTIC_SHUTDOWN_TIMEOUT (100 s) it completes and the job exits 200. (The
-    state, 3 MB, takes about a minute at that rate.)"""
+    state, 3.3 MB, cannot cross that link in under 34 s, so the save outlasts the 30 s whatever the
+    machine; the CI machine once took over 90 s for it at 512 kbit/s, where this one took 53 s, so
+    the rate leaves room under the 100 s.)"""
     from helpers.s3 import S3_BUCKET
 
     from gpt2.checkpoint import CheckpointStore
@@ -512,7 +514,7 @@ def test_a_preemption_save_slower_than_torchruns_30_s_default_completes(tmp_path
     run = popen_train(tmp_path, nproc=2, extra=extra, env=server.env, launcher="gpt2.launch.torchrun")
     try:
         wait_until(lambda: len(steps(tmp_path)) >= 20, "steps", run, tmp_path / "train.log", timeout=300)
-        throttle("512kbit", upload=True)
+        throttle("768kbit", upload=True)
         t0 = time.monotonic()
         os.kill(run.pid, signal.SIGTERM)
         code = run.wait(timeout=300)
