@@ -157,8 +157,23 @@ def test_an_hour_long_wait_for_a_living_rank_0_polls_at_a_steady_pace(monkeypatc
     liveness.wait_for_all()
     assert 3600.0 <= clock[0] < 3600.0 + POLL_S
 
+def start_two_ranks(script: str, *args: str) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of a group over env:// (the store on rank 0, as with srun), each running
+    `script` with `args`; their output (stdout and stderr) is read with communicate()."""
+    import socket
 
-# Two ranks over env:// (the store on rank 0, as with srun): rank 0 refuses the start in one of the
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+            for r in (0, 1)]
+
+
+
+# Two ranks: rank 0 refuses the start in one of the
 # start-up's decisions (its resume plan, its lease), or the ranks see different data.
 REFUSED = r"""
 import sys
@@ -186,8 +201,6 @@ def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
     where checkpoint.dir should be), or the ranks found different data in data.dir: every rank raises
     the same typed error (its message and exit code), instead of the others losing the group and
     exiting as for a fault."""
-    import socket
-
     if where == "plan":
         ckpt = tmp_path / "ckpt"
         ckpt.mkdir()
@@ -200,14 +213,7 @@ def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
         (tmp_path / "blocker").write_text("a file")
         ckpt = tmp_path / "blocker" / "ckpt"
         expected = f"StorageError 1: checkpoint.dir '{ckpt}' cannot be created: {tmp_path}/blocker is a file"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", REFUSED, str(ckpt), where], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in (0, 1)]
+    procs = start_two_ranks(REFUSED, str(ckpt), where)
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
         assert f"rank {rank} refused: {expected}" in out, out
@@ -242,18 +248,7 @@ def test_the_ranks_wait_for_a_slow_finish_and_find_a_frozen_rank_0_in_about_a_mi
     as long as it lives, past the 60 s floor, and all leave cleanly; a rank 0 that froze is found in
     about a minute (exit 201, the phase named), not at train.hang_timeout_s (600 s). Both groups run
     at once."""
-    import socket
-
-    groups = {}
-    for case in ("slow", "frozen"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        groups[case] = [subprocess.Popen([sys.executable, "-c", FINISHING, case], cwd=REPO, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-                        for r in (0, 1)]
+    groups = {case: start_two_ranks(FINISHING, case) for case in ("slow", "frozen")}
     t0 = time.monotonic()
     try:
         frozen_rank_1 = groups["frozen"][1].communicate(timeout=300)[0]
@@ -298,18 +293,9 @@ def test_hellaswag_is_skipped_on_every_rank_when_one_rank_lacks_the_file(tmp_pat
     """Each rank scores its share of HellaSwag and the shares are all-reduced: a rank without the file
     skipping it alone would leave the others in the collective until the watchdog ends the run (and
     every restart). Every rank skips it, and rank 0 says which rank lacks it and why."""
-    import socket
-
     hs = tmp_path / "hellaswag_val.jsonl"
     hs.write_text("{}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", HELLASWAG, str(hs)], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in (0, 1)]
+    procs = start_two_ranks(HELLASWAG, str(hs))
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
         assert procs[rank].returncode == 0, out
