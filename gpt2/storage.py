@@ -205,21 +205,29 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[Any]
     completed multipart upload) is already atomic, so the object is written directly.
     """
     if is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
+        with _synced_sibling(path, write) as tmp:
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     else:
         with fs.open(path, "wb") as f:
             write(f)
+
+
+@contextlib.contextmanager
+def _synced_sibling(path: str, write: Callable[[Any], None]) -> Iterator[str]:
+    """A temporary file beside local `path`, written by `write` and fsynced, removed afterwards
+    unless the caller renamed it."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 CHUNK = 16 << 20  # reads and writes of large files go in pieces this big, each one progress
@@ -267,21 +275,12 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
     the file) counts as ours when the file holds our bytes.
     """
     if is_local(fs):
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _synced_sibling(path, lambda f: f.write(data)) as tmp:
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
     try:
         fs.pipe_file(path, data, mode="create")
         return True
