@@ -114,6 +114,23 @@ def abort() -> None:
         dist.destroy_process_group()
 
 
+def group_failure(err: BaseException) -> GroupLost | None:
+    """`err` as GroupLost if it is a collective's failure for want of a peer (killed, frozen past the
+    collective timeout, cut off), else None: a restart of the group helps there, as it does not for a
+    bug. NCCL and the store raise torch's DistError; gloo raises a RuntimeError from its transport
+    ("[.../gloo/transport/tcp/pair.cc:537] Read error ...: Connection reset by peer")."""
+    if isinstance(err, GroupLost):
+        return err
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "/gloo/transport/" in text)):
+        return None
+    lost = GroupLost(f"a collective failed: a peer is gone or cut off ({type(err).__name__}: "
+                     f"{text.splitlines()[0][:300] if text else 'no message'}); this rank exits so that the group "
+                     "restarts from the last checkpoint")
+    lost.__cause__ = err
+    return lost
+
+
 def end_stopped_local_peers() -> list[int]:
     """SIGKILL this node's other workers of the same torchrun group that are stopped (SIGSTOP; a
     frozen cgroup shows another state and is left alone); returns their pids. Called when this rank

@@ -97,8 +97,8 @@ class LeaseLost(Gpt2Error, RuntimeError):
 
 
 class GroupLost(Gpt2Error, RuntimeError):
-    """The process group's store (on rank 0's host) refuses every call: rank 0 is gone (or this rank's
-    connection to it broke), and the group must restart from the last checkpoint."""
+    """A peer is gone or cut off: the process group's store (on rank 0's host) refuses every call, or
+    a collective failed for want of a peer. The group must restart from the last checkpoint."""
 
 
 class LaunchError(Gpt2Error, ValueError):

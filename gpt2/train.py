@@ -531,11 +531,16 @@ def run(cfg: Config) -> int:
             if dist is not None and dist.world_size > 1:
                 # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
                 # any further collective or DDP destructor could hang, so leave without tearing down.
-                traceback.print_exc()
+                lost = distributed.group_failure(err)
+                if lost is None:
+                    traceback.print_exc()
+                else:  # a restart helps: the launchers restart and requeue on this code, not on 1
+                    log.error("%s", lost)
+                    code, reason = exit_code(lost), f"{type(lost).__name__}: {lost}"
                 if trainer is not None:
                     trainer.record_end(code, reason)
                 sys.stdout.flush(), sys.stderr.flush()
-                os._exit(EXIT_ERROR)
+                os._exit(code)
             raise
         finally:
             with watchdog.phase("finishing (the last records, the lease, the group's teardown)", ceiling=True):
@@ -547,9 +552,12 @@ def run(cfg: Config) -> int:
                 if code in (EXIT_OK, EXIT_PREEMPTED):
                     try:
                         distributed.teardown()
-                    except Gpt2Error as err:  # rank 0 gone at the very end: its checkpoints decide the restart
-                        log.error("%s", err)
-                        code = exit_code(err)
+                    except Exception as err:  # a peer gone at the very end: its checkpoints decide the restart
+                        lost = distributed.group_failure(err)
+                        if lost is None:
+                            raise
+                        log.error("%s", lost)
+                        code = exit_code(lost)
                 else:
                     distributed.abort()
     if code == EXIT_OK and dist is not None and dist.is_main:

@@ -18,7 +18,7 @@ from conftest import REPO, run_cli, shared_file, tiny_overrides
 from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
-from gpt2.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_OK, EXIT_PREEMPTED
+from gpt2.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED
 from gpt2.shards import open_split
 from gpt2.tokenizer import tokenizer_class
 from gpt2.watchdog import FLOOR_S, STEP_FACTOR
@@ -181,6 +181,28 @@ def test_the_ledger_is_in_tensorboard_too(tmp_path):
 
 
 # ---- a crash loop stops -----------------------------------------------------------------------------
+
+
+def test_a_worker_killed_mid_run_makes_its_peers_exit_for_a_restart_not_for_good(tmp_path):
+    """Two workers under the launchers' torchrun, shipped defaults, no restarts left: rank 1 is
+    SIGKILLed (the OOM killer, a node gone) while training. Rank 0's next collective fails; it exits
+    201 (GroupLost), which torchrun passes on and SLURM and the PyTorchJob restart, not 1 (a failure
+    for good: torchrun took rank 0's 1 over rank 1's SIGKILL, and the job ended)."""
+    run = popen_train(tmp_path, nproc=2, extra=dict(BIGGER, **{"train.max_steps": 100000}),
+                      launcher="gpt2.launch.torchrun")
+    log = tmp_path / "train.log"
+    try:
+        wait_until(lambda: len(steps(tmp_path)) >= 10, "ten steps", run, log)
+        os.kill(worker_pids(run.pid)[1], signal.SIGKILL)
+        code = run.wait(timeout=120)
+    finally:
+        stop(run)
+    text = log.read_text()
+    assert code == EXIT_HUNG, text[-4000:]
+    assert "error: a collective failed: a peer is gone or cut off" in text and "Traceback" not in text, text[-4000:]
+    assert f"the trainers failed (rank 0, exit code {EXIT_HUNG}); exiting {EXIT_HUNG}" in text, text[-4000:]
+    ends = [json.loads(x) for x in (tmp_path / "tb" / "attempts.jsonl").read_text().splitlines() if '"end"' in x]
+    assert [(e["exit_code"], e["reason"].split(":")[0]) for e in ends] == [(EXIT_HUNG, "GroupLost")], ends
 
 
 def test_a_job_killed_three_times_from_one_checkpoint_stops_with_its_own_exit_code(tmp_path):

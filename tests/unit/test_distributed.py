@@ -301,3 +301,23 @@ def test_hellaswag_is_skipped_on_every_rank_when_one_rank_lacks_the_file(tmp_pat
         assert procs[rank].returncode == 0, out
         assert f"rank {rank} scores HellaSwag: False" in out, out
     assert f"HellaSwag disabled for this run (rank 1: eval.hellaswag_path={hs}.absent does not exist)" in outs[0]
+
+
+def test_a_collective_that_fails_for_want_of_a_peer_is_a_lost_group_and_a_bug_is_not():
+    """What a rank exits with when a collective fails: GroupLost (201, the launchers restart and
+    requeue) where a peer is gone or cut off, the error itself (exit 1) for anything else."""
+    import torch.distributed as dist
+
+    from gpt2.distributed import group_failure
+    from gpt2.errors import EXIT_HUNG, exit_code
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                        "[127.0.0.1]:30109: Connection reset by peer. This is typically caused by a remote worker")
+    for err in (gloo, dist.DistBackendError("NCCL communicator was aborted on rank 0"),
+                dist.DistNetworkError("Connection reset by peer")):
+        lost = group_failure(err)
+        assert lost is not None and exit_code(lost) == EXIT_HUNG and lost.__cause__ is err, err
+        assert str(err).splitlines()[0][:40] in str(lost) and "restarts from the last checkpoint" in str(lost)
+    for bug in (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)"), ValueError("gloo"),
+                KeyError("x")):
+        assert group_failure(bug) is None, bug
