@@ -124,9 +124,9 @@ def group_failure(err: BaseException) -> GroupLost | None:
     text = str(err)
     if not (isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "/gloo/transport/" in text)):
         return None
-    lost = GroupLost(f"a collective failed: a peer is gone or cut off ({type(err).__name__}: "
-                     f"{text.splitlines()[0][:300] if text else 'no message'}); this rank exits so that the group "
-                     "restarts from the last checkpoint")
+    first_line = text.splitlines()[0].split(" This is typically caused")[0][:300] if text else "no message"
+    lost = GroupLost(f"a collective failed: a peer is gone or cut off ({type(err).__name__}: {first_line}); "
+                     "this rank exits so that the group restarts from the last checkpoint")
     lost.__cause__ = err
     return lost
 
