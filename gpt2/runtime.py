@@ -43,6 +43,15 @@ class PreemptionFlag:
         self.signum = signum
 
 
+def ignore_stop_signals() -> None:
+    """For a rank on its way out after a failure, its exit code decided: torchrun, having seen a peer
+    fail, sends SIGTERM to the rest, whose default action would turn this rank's exit code into -15
+    (which says nothing, and SLURM does not requeue). The exit follows within seconds, before
+    torchrun's SIGKILL (30 s)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`train.dtype`: auto is bfloat16 on CUDA and float32 elsewhere."""
     if name == "auto":

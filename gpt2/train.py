@@ -53,11 +53,11 @@ from gpt2.model import build_model, flops_per_token
 from gpt2.optim import NonFiniteGuard, build_optimizer, lr_at
 from gpt2.prepare import prepare_missing, see_prepared_data, wait_for_data
 from gpt2.recipe import Continuation, continuation, data_identity, recipe_of
-from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, resolve_dtype, set_tf32
+from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, ignore_stop_signals, resolve_dtype, set_tf32
 from gpt2.shards import read_manifest
 from gpt2.storage import ensure_directory
 from gpt2.tokenizer import tokenizer_class
-from gpt2.watchdog import RECENT_STEPS, Watchdog, phase
+from gpt2.watchdog import RECENT_STEPS, Watchdog, phase, record_within_deadline
 
 log = logging.getLogger("gpt2.train")  # also when run as __main__
 
@@ -531,14 +531,16 @@ def run(cfg: Config) -> int:
             if dist is not None and dist.world_size > 1:
                 # A peer may have died (torchrun then restarts the whole group from the last checkpoint):
                 # any further collective or DDP destructor could hang, so leave without tearing down.
+                ignore_stop_signals()  # torchrun's SIGTERM, for the failed peer, comes any moment now
                 lost = distributed.group_failure(err)
+                code = exit_code(lost) if lost else EXIT_ERROR  # 201 for a lost peer: a restart helps
                 if lost is None:
                     traceback.print_exc()
-                else:  # a restart helps: the launchers restart and requeue on this code, not on 1
+                else:
                     log.error("%s", lost)
-                    code, reason = exit_code(lost), f"{type(lost).__name__}: {lost}"
+                    reason = f"{type(lost).__name__}: {lost}"
                 if trainer is not None:
-                    trainer.record_end(code, reason)
+                    record_within_deadline(lambda: trainer.record_end(code, reason), "the end of this attempt")
                 sys.stdout.flush(), sys.stderr.flush()
                 os._exit(code)
             raise

@@ -224,12 +224,7 @@ class Watchdog:
                   f"{self._why(limit, in_call)}): {cause}. Exiting with {code} so that the job restarts from its "
                   f"last checkpoint. Stacks of this process:\n{stacks}")
         self.exit_code, self.cause = code, cause
-        # the record is best effort under a deadline: the storage it goes to may be what hangs
-        recorder = threading.Thread(target=self._record, name="gpt2-hang-record", daemon=True)
-        recorder.start()
-        recorder.join(RECORD_DEADLINE_S)
-        if recorder.is_alive():
-            log.error(f"could not record the hang within {RECORD_DEADLINE_S:g} s (the storage may hang too); exiting")
+        record_within_deadline(lambda: self.on_hang(self.phase_name), "the hang")
         try:
             self.before_exit()
         except Exception as err:  # the exit matters more
@@ -238,11 +233,6 @@ class Watchdog:
             handler.flush()
         self._exit(code)
 
-    def _record(self) -> None:
-        try:
-            self.on_hang(self.phase_name)
-        except Exception as err:  # the exit matters more than the record
-            log.error(f"could not record the hang: {err}")
 
     def _why(self, limit: float, in_call: bool = False) -> str:
         if in_call:
@@ -253,6 +243,22 @@ class Watchdog:
             return f"at least {self.floor_s:g} s, no step timed yet"
         return (f"{self.factor:g} x the slowest of the last {len(self.recent)} steps ({max(self.recent):.2f} s), "
                 f"at least {self.floor_s:g} s")
+
+
+def record_within_deadline(record: Callable[[], None], what: str) -> None:
+    """Run `record` (a last record before the process exits) for at most RECORD_DEADLINE_S: the
+    storage it goes to may be what hangs. A failure is logged: the exit matters more."""
+    def run() -> None:
+        try:
+            record()
+        except Exception as err:
+            log.error(f"could not record {what}: {err}")
+
+    recorder = threading.Thread(target=run, name="gpt2-last-record", daemon=True)
+    recorder.start()
+    recorder.join(RECORD_DEADLINE_S)
+    if recorder.is_alive():
+        log.error(f"could not record {what} within {RECORD_DEADLINE_S:g} s (the storage may hang too); exiting")
 
 
 def beat() -> None:

@@ -6,8 +6,7 @@ torchrun still exits 1. What runs torchrun decides on that code: a PyTorchJob wi
 `restartPolicy: ExitCode` restarts a pod for 128-255 and fails the whole job for 1-127, so an
 evicted or preempted pod must not exit 1. Here a stop signal gives EXIT_PREEMPTED (the trainers were
 asked to save, and a resume continues from the newest checkpoint either way), and a failed worker
-group gives the exit code of its first failure (a signal N as 128 + N; a worker killed by a signal
-yields to another's retryable exit, see `decisive_failure`). The trainers get
+group gives the exit code of its decisive failure (a signal N as 128 + N; see `decisive_failure`). The trainers get
 SAVE_ON_STOP_S (100 s), not torch's 30 s, for that save before torchrun kills them.
 """
 
@@ -33,20 +32,21 @@ def exit_code_of(failure_code: int) -> int:
 
 
 def decisive_failure(failures: dict[int, object]) -> tuple[int, int]:
-    """(rank, return code) of the failure that gives the exit code: the first one, except that a
-    worker killed by a signal yields to another's retryable exit. A rank that finds a peer frozen
-    kills it (SIGKILL, so torchrun's teardown need not wait for it) and then exits 201: the kill is
-    first in time, the 201 says what happened and that a restart helps (SLURM requeues on it)."""
+    """(rank, return code) of the failure that gives the exit code: the first error for good (exit
+    1-127), else the first retryable exit, else the first failure. An error is the cause and its
+    peers' 201s (a collective failed for want of it) the consequence; torchrun's timestamps are whole
+    seconds, so time alone often cannot tell them apart. A retryable exit says more than a signal: a
+    rank that finds a peer frozen kills it (SIGKILL) and then exits 201, so the kill is first in time
+    but the 201 says what happened and that a restart helps (SLURM requeues on it)."""
     def when(rank: int) -> float:
         return failures[rank].timestamp  # type: ignore[attr-defined]
 
     def code(rank: int) -> int:
         return failures[rank].exitcode  # type: ignore[attr-defined]
 
-    first = min(failures, key=when)
+    errors = [rank for rank in failures if 0 < code(rank) < 128 and code(rank) not in RETRYABLE]
     retryable = [rank for rank in failures if code(rank) in RETRYABLE]
-    if code(first) < 0 and retryable:
-        first = min(retryable, key=when)
+    first = min(errors or retryable or list(failures), key=lambda rank: (when(rank), rank))
     return first, code(first)
 
 

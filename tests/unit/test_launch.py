@@ -170,19 +170,25 @@ def test_torchrun_exit_codes_keep_a_signal_retryable():
     assert exit_code_of(-9) == 137 and exit_code_of(-15) == 143
 
 
-def test_a_worker_killed_by_a_peer_that_found_it_frozen_yields_to_the_peers_201():
+def test_the_exit_code_of_a_failed_group_is_its_cause_not_a_consequence():
     """torchrun's first failure is the frozen worker that its peer killed (SIGKILL, -9); the exit code
-    is the peer's 201 (retryable: SLURM requeues on it), not 137. Otherwise the first failure decides."""
+    is the peer's 201 (retryable: SLURM requeues on it), not 137. A worker that failed for good (a
+    bug, exit 1) is the cause of its peers' 201s (their collective lost it), also within the same
+    second (torchrun's timestamps are whole seconds) and whichever rank it is: the job fails with 1."""
     from types import SimpleNamespace as Failure
 
     from gpt2.launch.torchrun import decisive_failure, exit_code_of
 
-    killed_then_hung = {0: Failure(exitcode=-9, timestamp=100.0), 1: Failure(exitcode=201, timestamp=100.5)}
+    killed_then_hung = {0: Failure(exitcode=-9, timestamp=100), 1: Failure(exitcode=201, timestamp=100)}
     assert decisive_failure(killed_then_hung) == (1, 201)
-    config_error = {0: Failure(exitcode=2, timestamp=100.0), 1: Failure(exitcode=201, timestamp=100.5)}
+    config_error = {0: Failure(exitcode=2, timestamp=100), 1: Failure(exitcode=201, timestamp=101)}
     assert decisive_failure(config_error) == (0, 2)
-    killed_alone = {0: Failure(exitcode=-9, timestamp=100.0), 1: Failure(exitcode=1, timestamp=100.5)}
+    bug_on_rank_1 = {0: Failure(exitcode=201, timestamp=100), 1: Failure(exitcode=1, timestamp=100)}
+    assert decisive_failure(bug_on_rank_1) == (1, 1)
+    killed_alone = {0: Failure(exitcode=-9, timestamp=100), 1: Failure(exitcode=-15, timestamp=100)}
     assert decisive_failure(killed_alone) == (0, -9) and exit_code_of(-9) == 137
+    two_lost = {0: Failure(exitcode=201, timestamp=101), 1: Failure(exitcode=202, timestamp=100)}
+    assert decisive_failure(two_lost) == (1, 202)
 
 
 def _on_path(tmp_path, monkeypatch, name: str, body: str) -> None:
