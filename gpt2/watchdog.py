@@ -233,7 +233,6 @@ class Watchdog:
             handler.flush()
         self._exit(code)
 
-
     def _why(self, limit: float, in_call: bool = False) -> str:
         if in_call:
             return "what the call in flight was allowed, or the step-based limit if longer"

@@ -6,8 +6,8 @@ torchrun still exits 1. What runs torchrun decides on that code: a PyTorchJob wi
 `restartPolicy: ExitCode` restarts a pod for 128-255 and fails the whole job for 1-127, so an
 evicted or preempted pod must not exit 1. Here a stop signal gives EXIT_PREEMPTED (the trainers were
 asked to save, and a resume continues from the newest checkpoint either way), and a failed worker
-group gives the exit code of its decisive failure (a signal N as 128 + N; see `decisive_failure`). The trainers get
-SAVE_ON_STOP_S (100 s), not torch's 30 s, for that save before torchrun kills them.
+group gives the exit code of its cause (a signal N as 128 + N; see `decisive_failure`). The
+trainers get SAVE_ON_STOP_S (100 s), not torch's 30 s, for that save before torchrun kills them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def decisive_failure(failures: dict[int, object]) -> tuple[int, int]:
     def code(rank: int) -> int:
         return failures[rank].exitcode  # type: ignore[attr-defined]
 
-    errors = [rank for rank in failures if 0 < code(rank) < 128 and code(rank) not in RETRYABLE]
+    errors = [rank for rank in failures if 0 < code(rank) < 128]  # RETRYABLE codes are 200 and up
     retryable = [rank for rank in failures if code(rank) in RETRYABLE]
     first = min(errors or retryable or list(failures), key=lambda rank: (when(rank), rank))
     return first, code(first)
