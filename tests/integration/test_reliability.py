@@ -180,7 +180,7 @@ def test_the_ledger_is_in_tensorboard_too(tmp_path):
     assert "attempts/text_summary" in acc.Tags()["tensors"]
 
 
-# ---- a crash loop stops -----------------------------------------------------------------------------
+# ---- a lost peer, a crash loop ----------------------------------------------------------------------
 
 
 def sigterm_when_said(pid: int, log: Path, words: str, proc: subprocess.Popen, timeout: float) -> bool:

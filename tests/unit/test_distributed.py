@@ -157,6 +157,7 @@ def test_an_hour_long_wait_for_a_living_rank_0_polls_at_a_steady_pace(monkeypatc
     liveness.wait_for_all()
     assert 3600.0 <= clock[0] < 3600.0 + POLL_S
 
+
 def start_two_ranks(script: str, *args: str) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of a group over env:// (the store on rank 0, as with srun), each running
     `script` with `args`; their output (stdout and stderr) is read with communicate()."""
@@ -172,9 +173,8 @@ def start_two_ranks(script: str, *args: str) -> list[subprocess.Popen]:
             for r in (0, 1)]
 
 
-
-# Two ranks: rank 0 refuses the start in one of the
-# start-up's decisions (its resume plan, its lease), or the ranks see different data.
+# Two ranks: rank 0 refuses the start in one of the start-up's decisions (its resume plan, its
+# lease), or the ranks see different data.
 REFUSED = r"""
 import sys
 from types import SimpleNamespace
