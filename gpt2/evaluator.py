@@ -50,7 +50,7 @@ class Evaluator:
     def __init__(self, cfg: Config, dist: Dist, model: torch.nn.Module, raw_model: GPT,
                  val_loader: ValLoader | None, autocast: AbstractContextManager, metrics: MetricsLogger,
                  stopping: Callable[[], bool] = lambda: False):
-        """`stopping()`: whether this process was told to stop (a signal), for the wait for rank 0's samples."""
+        """`stopping()`: whether this process was told to stop (a signal), for its waits for the other ranks."""
         self.cfg, self.e, self.dist, self.stopping = cfg, cfg.eval, dist, stopping
         self.model, self.raw_model, self.val_loader = model, raw_model, val_loader
         self.autocast, self.metrics = autocast, metrics
@@ -134,10 +134,12 @@ class Evaluator:
         if not self._hellaswag_checked:
             self._hellaswag_checked = True
             why = None
-            try:
-                self._hellaswag_path = hellaswag.data_path(self.e.hellaswag_path)
+            try:  # a connection attempt cannot report progress (each has its timeout): the ceiling
+                with phase("evaluation: HellaSwag: finding or downloading the file", ceiling=True):
+                    self._hellaswag_path = hellaswag.data_path(self.e.hellaswag_path)
             except hellaswag.HellaSwagUnavailable as err:
                 why = str(err)
+            wait_for_all(self.stopping)  # for a rank still downloading it, while every rank lives
             lacking = [f"rank {r}: {w}" for r, w in enumerate(all_gather_object(why)) if w]
             if lacking:
                 log.warning(f"HellaSwag disabled for this run ({'; '.join(lacking)})")

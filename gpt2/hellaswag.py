@@ -7,6 +7,7 @@ Examples are split across ranks (example i on rank i % world) and the counts all
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.request
@@ -53,7 +54,7 @@ def data_path(configured: str | None) -> Path:
         try:
             download(URL, tmp)
             os.replace(tmp, cached)
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:  # a cut-off transfer is an IncompleteRead
             raise HellaSwagUnavailable(
                 f"cannot download HellaSwag ({err}); set eval.hellaswag_path to a local hellaswag_val.jsonl"
             ) from None
