@@ -736,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-fault-s", type=float, default=STORE_FAULT_S, help="how long a store fault lasts")
     args = p.parse_intermixed_args(argv)
     logs.setup()
-    signal.signal(signal.SIGTERM, _stopped)  # so that the job and the store are cleaned up
+    previous = signal.signal(signal.SIGTERM, _stopped)  # so that the job and the store are cleaned up
     try:
         kinds = _kinds(args)
         cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any run
@@ -773,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     except Gpt2Error as err:
         log.error("%s", err)
         return exit_code(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() called in a process that goes on (the tests)
     return 1 if breaches else 0
 
 
