@@ -141,6 +141,12 @@ class ReadAhead:
                     self._waited += now - polled
                 seen, polled = progress, now
 
+    def read_early(self, step: int) -> None:
+        """Read the first micro-batch of `step` now, waiting (with progress) for its shard's copy."""
+        key = (step, 0)
+        self._next = (key, self._pool.submit(self.loader.rows, *key))
+        self._result(self._next[1])
+
     def waited(self) -> float:
         """Seconds spent waiting for shard copies or checks since the last call (not the step's own time)."""
         waited, self._waited = self._waited, 0.0
@@ -170,6 +176,11 @@ class ValLoader:
 
     def batch_ids(self, rank: int, world_size: int) -> range:
         return range(rank, self.num_batches, world_size)
+
+    def read_early(self, rank: int, world_size: int) -> None:
+        """Read this rank's first batch now, which brings its shard here (with progress)."""
+        for k in self.batch_ids(rank, world_size)[:1]:
+            self.batch(k)
 
     def batch(self, k: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         start = k * self.micro_batch * self.row_tokens

@@ -351,3 +351,21 @@ def decided_on_rank_0(decide: Callable[[], T], is_main: bool, phase_name: str,
     if failed is not None:
         raise refused or failed
     return answer, shared
+
+
+def done_on_every_rank(work: Callable[[], None], phase_name: str, stopping: Callable[[], bool] = lambda: False
+                       ) -> None:
+    """Every rank runs `work()`, which reports its progress, in phase `phase_name` (measured: the
+    step-based limit), then waits for the others while every rank lives. A typed error on any rank
+    is raised on every rank alike (the failing rank's message and exit code), so its peers leave at
+    once instead of waiting for a rank that is gone."""
+    failed = None
+    with phase(phase_name, measured=True):
+        try:
+            work()
+        except Gpt2Error as err:
+            failed = err
+    wait_for_all(stopping, phase_name=f"{phase_name}: waiting for the other ranks")
+    failures = [f for f in all_gather_object(failed) if f is not None]
+    if failures:
+        raise failed or failures[0]  # type: ignore[misc]

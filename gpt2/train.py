@@ -319,12 +319,11 @@ class Trainer:
             log.info(self.stop_reason)
             return EXIT_OK
         first = self.progress.step
+        self.read_first_batches(first)
         if cfg.train.compile:
             with watchdog.phase("compiling the training step", ceiling=True):
                 self.warm_up()
-        # a restart is watched from its first step by the step times from before, unless compilation
-        # (whose first steps may recompile) makes them slower than those
-        watchdog.steps(before=() if cfg.train.compile else self.start.step_times)
+        watchdog.steps(before=self.start.step_times, compiled=cfg.train.compile)
         with self.preemption:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)
@@ -367,6 +366,19 @@ class Trainer:
                                            clock=self.clock())
             except Gpt2Error as err:  # e.g. the logging disk is full: the exit code and message still say why
                 log.warning(f"could not record the end of this attempt: {err}")
+
+    def read_first_batches(self, step: int) -> None:
+        """Have the first step's and the first evaluation's data here before any collective: a rank
+        that copies a shard shows progress, and its peers wait for it while every rank lives instead
+        of in the step's all-reduce, where a wait is not progress."""
+        def read() -> None:
+            self.read_ahead.read_early(step)
+            if self.val_loader is not None:
+                self.val_loader.read_early(self.dist.rank, self.dist.world_size)
+
+        # a stop meanwhile is acted on at the first step (a save), or ends a wait for a peer that is gone
+        with self.preemption:
+            distributed.done_on_every_rank(read, "reading the first batches", lambda: self.preemption.is_set)
 
     def warm_up(self) -> None:
         """Compile the training step before the first collective: a forward and backward of a batch of
@@ -430,12 +442,15 @@ class Trainer:
             # gradients are all-reduced only on the last micro-step (forward and backward both)
             last = micro == self.accum - 1
             sync = self.model.no_sync() if isinstance(self.model, DDP) and not last else nullcontext()
+            started = time.perf_counter()
             with sync:
                 with self.autocast:
                     _, loss = self.model(x, y)
                 loss = loss / self.accum
                 loss_sum += loss.detach()
                 loss.backward()
+            # progress per micro-step, and a measure for the first steps: one longer than the floor still moves
+            self.watchdog.micro_step_done(time.perf_counter() - started)
         norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
         if self.guard.allows(step, float(norm)):
             self.optimizer.step()

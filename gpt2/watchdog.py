@@ -20,10 +20,13 @@ timeout). The watchdog waits for progress, not for steps:
   step is timed (FLOOR_S then), so a peer that freezes while a resume loads is found in about a minute;
 * a phase that cannot report progress at all (compilation, the start-up) is
   `phase(name, ceiling=True)` and gets the ceiling;
-* before MIN_TIMED steps have been timed after a (re)start (unless the step times of the run's
-  previous attempt are known: then those count from the first step), except in measured phases,
-  and for the ceiling phases, the limit is `train.hang_timeout_s`, which is also the ceiling of the
-  step-based limit (0 disables the watchdog).
+* the first steps after a (re)start are held to the step-based limit too: with the step times of
+  the run's previous attempt where they are known, else, from the first micro-step on, with the
+  micro-steps timed so far (the steps beat per micro-step, so a first step many times longer than
+  the floor is progress while its micro-steps move); only the first micro-step of a run's first
+  start and a compiled model's first steps (which may still compile), until MIN_TIMED steps are
+  timed, get the ceiling. The ceiling phases' limit is `train.hang_timeout_s`, which is also the
+  ceiling of the step-based limit (0 disables the watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
 thread's stack, calls `on_hang` (the attempt record) and `before_exit`, then exits the process with
@@ -117,6 +120,8 @@ class Watchdog:
         self.phase_name = "start-up"
         self._ceiling_phase = True
         self._measured = False  # the phase reports its progress throughout: the step-based limit, always
+        self._compiling = False  # the first steps may compile: the ceiling until MIN_TIMED steps are timed
+        self._slowest_micro_step: float | None = None  # since the steps began: a measure before steps are timed
         self._follows: Work | None = None
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -147,17 +152,32 @@ class Watchdog:
             self.recent.append(seconds)
         self.beat()
 
+    def micro_step_done(self, seconds: float) -> None:
+        """A micro-step's forward and backward took `seconds`: progress, and a measure for the first steps."""
+        self._slowest_micro_step = max(seconds, self._slowest_micro_step or 0.0)
+        self.beat()
+
     @property
     def limit_s(self) -> float:
         """Seconds without progress after which the process counts as hung, now."""
         if self._measured:
             return self._step_limit()
-        if self._ceiling_phase or len(self.recent) < MIN_TIMED:
+        first_steps = len(self.recent) < MIN_TIMED
+        unmeasured = not self.recent and self._slowest_micro_step is None  # nothing known of this device's speed
+        if self._ceiling_phase or (first_steps and (self._compiling or unmeasured)):
             return self.ceiling_s
         return self._step_limit()
 
+    def _slowest(self) -> float:
+        """The measure of the step-based limit: the slowest recent step; until MIN_TIMED steps are
+        timed, the slowest micro-step too."""
+        slowest = max(self.recent, default=0.0)
+        if len(self.recent) < MIN_TIMED:
+            slowest = max(slowest, self._slowest_micro_step or 0.0)
+        return slowest
+
     def _step_limit(self) -> float:
-        return min(self.ceiling_s, max(self.floor_s, self.factor * max(self.recent, default=0.0)))
+        return min(self.ceiling_s, max(self.floor_s, self.factor * self._slowest()))
 
     @contextmanager
     def phase(self, name: str, ceiling: bool = False, follows: Work | None = None,
@@ -184,12 +204,17 @@ class Watchdog:
         last = max(self._last, work.moved_at)
         return now - last, max(limit, until - last), in_call
 
-    def steps(self, before: Sequence[float] = ()) -> None:
+    def steps(self, before: Sequence[float] = (), compiled: bool = False) -> None:
         """From now on the steps' own limit applies (called once the start-up is over). `before`:
-        the run's step times from its previous attempt, so that the first steps after a restart are
-        held to that limit too instead of the ceiling (they are replaced as steps are timed)."""
-        self.recent.extend(list(before)[-(self.recent.maxlen or len(before)):])
-        self.phase_name, self._ceiling_phase = "training step", False
+        the run's step times from its previous attempt, which hold the first steps after a restart
+        to their limit (they are replaced as steps are timed); without them, the micro-steps timed
+        so far (`micro_step_done`) do, from the first one on. `compiled`:
+        the first steps may still compile (slower than any step before), so until MIN_TIMED steps
+        are timed they get the ceiling and `before` is not used."""
+        if not compiled:
+            self.recent.extend(list(before)[-(self.recent.maxlen or len(before)):])
+        self.phase_name, self._ceiling_phase, self._compiling = "training step", False, compiled
+        self._slowest_micro_step = None
         self.beat()
 
     def _watch(self) -> None:
@@ -238,6 +263,9 @@ class Watchdog:
             return "what the call in flight was allowed, or the step-based limit if longer"
         if limit >= self.ceiling_s:
             return f"train.hang_timeout_s={self.ceiling_s:g}"
+        if len(self.recent) < MIN_TIMED and self._slowest() > max(self.recent, default=0.0):
+            return (f"{self.factor:g} x the slowest micro-step so far ({self._slowest():.2f} s), "
+                    f"at least {self.floor_s:g} s")
         if not self.recent:
             return f"at least {self.floor_s:g} s, no step timed yet"
         return (f"{self.factor:g} x the slowest of the last {len(self.recent)} steps ({max(self.recent):.2f} s), "

@@ -15,18 +15,36 @@ from pathlib import Path
 
 import numpy as np
 from conftest import REPO, run_cli, shared_file, tiny_overrides
-from helpers.runs import popen_train, steps, stop, train, wait_until, worker_pids
+from helpers.runs import popen_train, rank_pid, steps, stop, train, wait_until, worker_pids
 
 from gpt2.data import row_hash
 from gpt2.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_HUNG, EXIT_OK, EXIT_PREEMPTED
 from gpt2.shards import open_split
 from gpt2.tokenizer import tokenizer_class
-from gpt2.watchdog import FLOOR_S, STEP_FACTOR
+from gpt2.watchdog import FLOOR_S, MIN_TIMED, STEP_FACTOR
 
 BIGGER = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "checkpoint.every": 3}
 
 
 # ---- hangs ------------------------------------------------------------------------------------------
+
+
+def signal_when_said(pid: int, log: Path, words: str, proc: subprocess.Popen, timeout: float,
+                     sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Send `sig` to `pid` the moment `words` show in `log` (read as it grows, without sleeping); whether
+    it still ran (not a zombie) when the signal went. False if `proc` ends or the words never come."""
+    deadline, seen = time.monotonic() + timeout, b""
+    with open(log, "rb") as f:
+        while words.encode() not in seen:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            seen = seen[-len(words):] + f.read()
+    try:
+        running = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        os.kill(pid, sig)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return running
 
 
 def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_job_completes(tmp_path):
@@ -68,6 +86,39 @@ def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_jo
     reasons = [a.get("reason", "") for a in attempts if a["event"] == "end"]
     assert len(reasons) == 3 and "hung in phase 'training step'" in reasons[1], reasons
     assert reasons[-1] == "finished: 24 steps"
+
+
+def test_a_worker_frozen_in_the_first_steps_of_a_new_run_is_found_at_the_floor_not_the_ceiling(tmp_path):
+    """No step times from before, compile off (the demo's), shipped defaults: rank 1 is SIGSTOPped the
+    moment rank 0 logs step 0, so rank 0 waits in one of the first steps, before MIN_TIMED are timed
+    (they had the 600 s ceiling). Those are held to 20 x the slowest micro-step so far, at least 60 s
+    (the steps beat per micro-step): the hang is found in about a minute. A freeze that landed after
+    the first timed steps could not tell the two apart, so the run is tried again (up to 3)."""
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        run_dir.mkdir()
+        run = popen_train(run_dir, nproc=2, extra=dict(BIGGER, **{"train.max_steps": 100000}),
+                          launcher="gpt2.launch.torchrun")
+        log = run_dir / "train.log"
+        try:
+            wait_until(lambda d=run_dir: (d / "tb" / "attempts.jsonl").exists(), "the start", run, log)
+            assert signal_when_said(rank_pid(run.pid, 1), log, "step      0/", run, timeout=120, sig=signal.SIGSTOP)
+            t0 = time.monotonic()
+            code = run.wait(timeout=300)  # at the ceiling this would be 600 s
+            took = time.monotonic() - t0
+        finally:
+            stop(run)
+        text = log.read_text()
+        assert code == EXIT_HUNG, text[-4000:]
+        found = re.search(r"no progress for (\d+) s in phase 'training step' \(rank 0, step (\d+); limit (\d+) s: "
+                          r"(20 x the slowest micro-step so far|20 x the slowest of the last (\d+) steps)", text)
+        assert found, text[-4000:]
+        assert FLOOR_S <= float(found.group(1)) < FLOOR_S + 10 and int(found.group(3)) == FLOOR_S, found.group(0)
+        assert took < FLOOR_S + 60, took
+        first_steps = found.group(5) is None or int(found.group(5)) < MIN_TIMED  # (the micro-steps: before that)
+        if first_steps:
+            break
+    assert first_steps, f"in 3 runs the freeze landed after the first timed steps: the test could not tell ({found})"
 
 
 def test_an_evaluation_many_times_longer_than_a_step_does_not_fire_the_watchdog(tmp_path):
@@ -183,23 +234,6 @@ def test_the_ledger_is_in_tensorboard_too(tmp_path):
 # ---- a lost peer, a crash loop ----------------------------------------------------------------------
 
 
-def sigterm_when_said(pid: int, log: Path, words: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """SIGTERM `pid` the moment `words` show in `log` (read as it grows, without sleeping); whether
-    it still ran (not a zombie) when the signal went. False if `proc` ends or the words never come."""
-    deadline, seen = time.monotonic() + timeout, b""
-    with open(log, "rb") as f:
-        while words.encode() not in seen:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return False
-            seen = seen[-len(words):] + f.read()
-    try:
-        running = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return running
-
-
 def test_a_worker_killed_mid_run_makes_its_peers_exit_for_a_restart_not_for_good(tmp_path):
     """Two workers under the launchers' torchrun, shipped defaults, no restarts left: rank 1 is
     SIGKILLed (the OOM killer, a node gone) while training. Rank 0's next collective fails; it exits
@@ -216,9 +250,9 @@ def test_a_worker_killed_mid_run_makes_its_peers_exit_for_a_restart_not_for_good
         log = run_dir / "train.log"
         try:
             wait_until(lambda d=run_dir: len(steps(d)) >= 10, "ten steps", run, log)
-            rank_0, rank_1 = worker_pids(run.pid)
+            rank_0, rank_1 = rank_pid(run.pid, 0), rank_pid(run.pid, 1)
             os.kill(rank_1, signal.SIGKILL)
-            landed = sigterm_when_said(rank_0, log, "error: a collective failed", run, timeout=60)
+            landed = signal_when_said(rank_0, log, "error: a collective failed", run, timeout=60)
             code = run.wait(timeout=120)
         finally:
             stop(run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,6 +218,41 @@ def test_a_start_rank_0_refuses_is_refused_alike_on_every_rank(tmp_path, where):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for rank, out in enumerate(outs):
         assert f"rank {rank} refused: {expected}" in out, out
+
+
+# Two ranks each do a part of the work (reading their first batches); rank 1's part fails
+# (a corrupt shard), rank 0's takes a few seconds.
+PART_FAILS = r"""
+import sys, time
+from gpt2 import distributed
+from gpt2.errors import DataError, Gpt2Error, exit_code
+dist = distributed.init("cpu", 60)
+def work():
+    if dist.rank == 1 and sys.argv[1] == "fails":
+        raise DataError("shard train_000001.npy is corrupt")
+    time.sleep(3 * (dist.rank == 0))
+t0 = time.monotonic()
+try:
+    distributed.done_on_every_rank(work, "reading the first batches")
+    print(f"rank {dist.rank} done", flush=True)
+except Gpt2Error as err:
+    print(f"rank {dist.rank} raised {type(err).__name__} {exit_code(err)}: {err} in {time.monotonic() - t0:.0f} s",
+          flush=True)
+"""
+
+
+@pytest.mark.parametrize("outcome", ["fails", "done"])
+def test_work_that_fails_on_one_rank_is_raised_on_every_rank_at_once(outcome):
+    """The failing rank's typed error (message and exit code) on both ranks, as soon as the slower
+    rank is done: rank 0 does not wait in the barrier for a rank that is gone (15 s for its
+    heartbeat, then the watchdog), and does not go on to the first step without it."""
+    outs = [p.communicate(timeout=120)[0] for p in start_two_ranks(PART_FAILS, outcome)]
+    for rank, out in enumerate(outs):
+        if outcome == "done":
+            assert f"rank {rank} done" in out, out
+        else:
+            said = re.search(rf"rank {rank} raised DataError 1: shard train_000001.npy is corrupt in (\d+) s", out)
+            assert said and int(said.group(1)) < 10, out
 
 
 # Two ranks over env:// at the end of a run, each under a watchdog with the shipped limits, as in

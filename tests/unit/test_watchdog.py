@@ -46,11 +46,11 @@ def test_a_phase_many_times_longer_than_the_limit_is_fine_while_it_beats():
     assert codes == []
 
 
-def test_a_phase_that_cannot_beat_gets_the_ceiling_and_so_do_the_first_steps():
+def test_a_phase_that_cannot_beat_gets_the_ceiling_and_so_do_a_compiled_models_first_steps():
     codes = []
     with Watchdog(3.0, exit=codes.append, **SMALL) as dog:
         assert dog.limit_s == 3.0  # start-up
-        dog.steps()
+        dog.steps(before=[0.01] * 3, compiled=True)  # the steps from before do not count: these may compile
         dog.step_done(0.01)
         assert dog.limit_s == 3.0  # fewer than MIN_TIMED steps after a start
         timed_steps(dog)
@@ -107,13 +107,23 @@ def test_a_process_suspended_as_a_whole_is_not_called_hung(tmp_path):
     assert "was suspended for 1" in err and "no progress" not in err
 
 
-def test_a_restart_with_step_times_from_before_is_held_to_the_step_limit_from_its_first_step():
+def test_the_first_steps_are_held_to_the_step_limit_from_the_times_before_or_the_first_micro_step_on():
     from gpt2.watchdog import FLOOR_S, STEP_FACTOR, Watchdog
 
-    fresh, restarted = Watchdog(600), Watchdog(600)
+    fresh, restarted, compiled = Watchdog(600), Watchdog(600), Watchdog(600)
     fresh.steps()
     restarted.steps(before=[0.5, 4.0, 0.5])
-    assert fresh.limit_s == 600  # nothing timed yet: the ceiling
+    compiled.steps(before=[0.5, 4.0, 0.5], compiled=True)
+    assert fresh.limit_s == 600  # nothing known of the device's speed: the ceiling for the first micro-step
+    fresh.micro_step_done(0.5)
+    assert fresh.limit_s == FLOOR_S
+    fresh.micro_step_done(4.0)  # a slow device (a big model on CPU): its micro-steps set the limit
+    assert fresh.limit_s == STEP_FACTOR * 4.0 == 80
+    for _ in range(3):  # once steps are timed, they alone
+        fresh.step_done(0.5)
+    assert fresh.limit_s == FLOOR_S
+    compiled.micro_step_done(0.5)
+    assert compiled.limit_s == 600  # its first steps may still compile: the ceiling
     assert restarted.limit_s == max(FLOOR_S, STEP_FACTOR * 4.0) == 80
     for _ in range(25):  # its own steps replace the ones from before
         restarted.step_done(0.1)
