@@ -24,9 +24,10 @@ timeout). The watchdog waits for progress, not for steps:
   the run's previous attempt where they are known, else, from the first micro-step on, with the
   micro-steps timed so far (the steps beat per micro-step, so a first step many times longer than
   the floor is progress while its micro-steps move); only the first micro-step of a run's first
-  start and a compiled model's first steps (which may still compile), until MIN_TIMED steps are
-  timed, get the ceiling. The ceiling phases' limit is `train.hang_timeout_s`, which is also the
-  ceiling of the step-based limit (0 disables the watchdog).
+  start, and until MIN_TIMED steps are timed a compiled model's first steps (which may still
+  compile) and a first start's on copied data (a rank may wait in a step's all-reduce for a
+  peer's shard copy, which it cannot see move), get the ceiling. The ceiling phases' limit is
+  `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
 thread's stack, calls `on_hang` (the attempt record) and `before_exit`, then exits the process with
@@ -120,7 +121,7 @@ class Watchdog:
         self.phase_name = "start-up"
         self._ceiling_phase = True
         self._measured = False  # the phase reports its progress throughout: the step-based limit, always
-        self._compiling = False  # the first steps may compile: the ceiling until MIN_TIMED steps are timed
+        self._slow_start = False  # the first steps may be slower than any later one: the ceiling until MIN_TIMED
         self._slowest_micro_step: float | None = None  # since the steps began: a measure before steps are timed
         self._follows: Work | None = None
         self._last = time.monotonic()
@@ -164,7 +165,7 @@ class Watchdog:
             return self._step_limit()
         first_steps = len(self.recent) < MIN_TIMED
         unmeasured = not self.recent and self._slowest_micro_step is None  # nothing known of this device's speed
-        if self._ceiling_phase or (first_steps and (self._compiling or unmeasured)):
+        if self._ceiling_phase or (first_steps and (self._slow_start or unmeasured)):
             return self.ceiling_s
         return self._step_limit()
 
@@ -204,16 +205,18 @@ class Watchdog:
         last = max(self._last, work.moved_at)
         return now - last, max(limit, until - last), in_call
 
-    def steps(self, before: Sequence[float] = (), compiled: bool = False) -> None:
+    def steps(self, before: Sequence[float] = (), compiled: bool = False, copied_data: bool = False) -> None:
         """From now on the steps' own limit applies (called once the start-up is over). `before`:
         the run's step times from its previous attempt, which hold the first steps after a restart
         to their limit (they are replaced as steps are timed); without them, the micro-steps timed
-        so far (`micro_step_done`) do, from the first one on. `compiled`:
-        the first steps may still compile (slower than any step before), so until MIN_TIMED steps
-        are timed they get the ceiling and `before` is not used."""
+        so far (`micro_step_done`) do, from the first one on. Until MIN_TIMED steps are timed, the
+        ceiling instead: with `compiled` (the first steps may still compile; `before` is not used),
+        and with `copied_data` and nothing from before (shards are copied from a remote store as
+        they are first read: a rank waiting in a step's all-reduce for a peer's copy sees no progress)."""
         if not compiled:
             self.recent.extend(list(before)[-(self.recent.maxlen or len(before)):])
-        self.phase_name, self._ceiling_phase, self._compiling = "training step", False, compiled
+        self._slow_start = compiled or (copied_data and not self.recent)
+        self.phase_name, self._ceiling_phase = "training step", False
         self._slowest_micro_step = None
         self.beat()
 
