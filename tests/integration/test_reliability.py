@@ -47,6 +47,16 @@ def signal_when_said(pid: int, log: Path, words: str, proc: subprocess.Popen, ti
     return running
 
 
+def start_two_workers(tmp_path: Path, attempt: int) -> tuple[Path, subprocess.Popen, Path]:
+    """Try `attempt` of a test that reruns: two workers under the launchers' torchrun, training on
+    and on (no restarts left); its run dir, its launcher and its log."""
+    run_dir = tmp_path / f"run{attempt}"
+    run_dir.mkdir()
+    run = popen_train(run_dir, nproc=2, extra=dict(BIGGER, **{"train.max_steps": 100000}),
+                      launcher="gpt2.launch.torchrun")
+    return run_dir, run, run_dir / "train.log"
+
+
 def test_a_frozen_worker_is_found_in_about_a_minute_with_the_defaults_and_the_job_completes(tmp_path):
     """No watchdog setting is lowered. A worker is killed (torchrun restarts the group); a worker of
     the restarted group frozen at its first step is found at the step-based limit (20 x the slowest
@@ -95,11 +105,7 @@ def test_a_worker_frozen_in_the_first_steps_of_a_new_run_is_found_at_the_floor_n
     (the steps beat per micro-step): the hang is found in about a minute. A freeze that landed after
     the first timed steps could not tell the two apart, so the run is tried again (up to 3)."""
     for attempt in range(3):
-        run_dir = tmp_path / f"run{attempt}"
-        run_dir.mkdir()
-        run = popen_train(run_dir, nproc=2, extra=dict(BIGGER, **{"train.max_steps": 100000}),
-                          launcher="gpt2.launch.torchrun")
-        log = run_dir / "train.log"
+        run_dir, run, log = start_two_workers(tmp_path, attempt)
         try:
             wait_until(lambda d=run_dir: (d / "tb" / "attempts.jsonl").exists(), "the start", run, log)
             assert signal_when_said(rank_pid(run.pid, 1), log, "step      0/", run, timeout=120, sig=signal.SIGSTOP)
@@ -144,6 +150,27 @@ def test_an_evaluation_many_times_longer_than_a_step_does_not_fire_the_watchdog(
     took = float(re.search(r"step 10: HellaSwag acc_norm \d+/9000 = [\d.]+ \(([\d.]+) s\)", r.stdout).group(1))
     slowest = max(s["step_time_ms"] for s in steps(tmp_path).values() if s["step"] >= 6 and not s["warmup"]) / 1000
     assert STEP_FACTOR * slowest < FLOOR_S < took, (slowest, took)  # the limit was the floor; the eval outlasted it
+
+
+def test_a_first_step_many_times_longer_than_the_floor_does_not_fire_the_watchdog(tmp_path):
+    """A new run (no step times from before, compile off, local data), shipped defaults: its first
+    step of tens of thousands of micro-steps takes longer than the 60 s floor that holds the first
+    steps once a micro-step is timed. It beats per micro-step, so it is progress and the run finishes.
+    The step is sized from a short run on this machine, to last about 80 s."""
+    base = {"checkpoint.every": 1000, "eval.val_every": 0}
+    micro = 128  # tokens per micro-step of tiny_overrides (4 x 32)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "long").mkdir()
+    probe = train(tmp_path / "probe", extra=dict(base, **{"train.total_batch_tokens": micro * 2000,
+                                                          "train.max_steps": 3}))
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    micro_s = steps(tmp_path / "probe")[2]["step_time_ms"] / 1000 / 2000
+    n = int(80 / micro_s)
+    r = train(tmp_path / "long", extra=dict(base, **{"train.total_batch_tokens": micro * n, "train.max_steps": 1}))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no progress" not in r.stdout + r.stderr
+    took = steps(tmp_path / "long")[0]["step_time_ms"] / 1000
+    assert STEP_FACTOR * took / n < FLOOR_S < took, (took, n)  # the limit was the floor; the step outlasted it
 
 
 # ---- the recipe -------------------------------------------------------------------------------------
@@ -243,11 +270,7 @@ def test_a_worker_killed_mid_run_makes_its_peers_exit_for_a_restart_not_for_good
     moment rank 0 says why it exits, it leaves the 201 and the record alone (it made the exit -15).
     The exit takes milliseconds, so a run whose SIGTERM came too late is run again (up to 3)."""
     for attempt in range(3):
-        run_dir = tmp_path / f"run{attempt}"
-        run_dir.mkdir()
-        run = popen_train(run_dir, nproc=2, extra=dict(BIGGER, **{"train.max_steps": 100000}),
-                          launcher="gpt2.launch.torchrun")
-        log = run_dir / "train.log"
+        run_dir, run, log = start_two_workers(tmp_path, attempt)
         try:
             wait_until(lambda d=run_dir: len(steps(d)) >= 10, "ten steps", run, log)
             rank_0, rank_1 = rank_pid(run.pid, 0), rank_pid(run.pid, 1)
