@@ -48,7 +48,7 @@ class S3Server:
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(
             [*self.prefix, weed, "mini", f"-dir={self.workdir}", f"-ip={self.ip}", "-master.telemetry=false",
-             f"-bucket={S3_BUCKET}"],
+             f"-bucket={S3_BUCKET}", *self._own_local_sockets()],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
             env=dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET),
         )
@@ -80,7 +80,23 @@ class S3Server:
             except Exception:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} took no write; see {self.workdir}/weed.log")
+        tail = (self.workdir / "weed.log").read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"SeaweedFS bucket {S3_BUCKET} took no write; the end of {self.workdir}/weed.log:\n"
+                           + "\n".join(tail))
+
+    def _own_local_sockets(self) -> list[str]:
+        """Flags that keep this server's local sockets apart from another server's on this machine.
+
+        SeaweedFS's services also talk over unix sockets named by port alone (/tmp/seaweedfs-
+        master-grpc-19333.sock, ...), which network namespaces do not separate: a server in a
+        namespace, on the default ports, reaches the host's server through them and its writes
+        fail ("volume 1 not found"). A namespaced server takes other gRPC ports, so other names."""
+        own = [f"-filer.localSocket={self.workdir / 'filer.sock'}", f"-s3.localSocket={self.workdir / 's3.sock'}",
+               f"-s3.localFilerSocket={self.workdir / 'filer.sock'}"]
+        if not self.prefix:
+            return own
+        return own + [f"-{service}.port.grpc={port + 100}" for service, port in
+                      (("master", 19333), ("volume", 19340), ("filer", 18888), ("s3", 18333), ("admin", 33646))]
 
     def _refuse_a_server_already_there(self) -> None:
         """Another server on the port (another test session on this machine) would answer for this

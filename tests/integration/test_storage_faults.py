@@ -401,10 +401,11 @@ def test_rank_0_frozen_while_a_resume_loads_is_found_in_about_a_minute_not_at_th
 
 
 @pytest.fixture
-def store_behind_a_link():
+def store_behind_a_link(s3_server):
     """The S3 server of the tests in a network namespace of its own, reached over a veth pair that
     `throttle(rate, upload)` slows with tc (what the store sends, or with `upload` what it receives);
-    the namespace and the link are removed afterwards."""
+    the namespace and the link are removed afterwards. The session's server on loopback runs too
+    (`s3_server`), always: the namespaced one must not reach it through shared local sockets."""
     need_root()
     if shutil.which("tc") is None:
         pytest.fail("tc (iproute2) is missing") if IN_CI else pytest.skip("tc (iproute2) is missing")
