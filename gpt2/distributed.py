@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from gpt2.config import ConfigError
 from gpt2.errors import Gpt2Error, GroupLost
-from gpt2.watchdog import beat, phase
+from gpt2.watchdog import beat, own_progress, peers_moved, phase
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 HEARTBEAT_S = 2.0  # each rank bumps its counter in the process group's store this often
 STALE_S = 15.0  # a rank whose counter has not moved for this long is not alive (frozen, cut off, gone)
+PEERS_AFTER_S = 10.0  # a rank whose own work has not moved for this long watches its peers' work
 POLL_S = 0.5
 
 
@@ -206,13 +207,19 @@ def all_gather_object(obj: object) -> list[object]:
 
 
 class Liveness:
-    """Each rank's heartbeat in the process group's store (a counter bumped every HEARTBEAT_S by a
-    daemon thread), and a barrier that watches it: `wait_for_all()`.
+    """Each rank's heartbeat in the process group's store (a value that changes every HEARTBEAT_S,
+    set by a daemon thread), and a barrier that watches it: `wait_for_all()`.
 
-    A heartbeat says only that the process runs; whether its main thread moves is for that
-    process's own watchdog to judge. So a rank waiting for another rank's long work (rank 0's
-    checkpoint save) waits as long as every rank lives, and a rank that stops (frozen, cut off,
-    gone) is found at the waiter's step-based limit instead of the ceiling.
+    A heartbeat says that the process runs; whether its main thread moves is for that process's
+    own watchdog to judge. So a rank waiting for another rank's long work (rank 0's checkpoint
+    save) waits as long as every rank lives, and a rank that stops (frozen, cut off, gone) is
+    found at the waiter's step-based limit instead of the ceiling.
+
+    The heartbeat also carries how often the rank's own work beat its watchdog (`own_progress`).
+    A rank whose main thread has not moved for PEERS_AFTER_S (it may wait in a collective, for a
+    peer's step that waits for its shard copy) reads its peers' counts, and a count that moved is
+    progress for it (`peers_moved`): one slow rank's work is not the others' hang, and ranks that
+    all wait (for one another, or for a frozen rank) still are.
     """
 
     def __init__(self) -> None:
@@ -226,9 +233,9 @@ class Liveness:
             return
         self._stop = threading.Event()  # a stopped thread keeps its own, set
         self._waits = 0
-        store.add(f"gpt2/alive/{rank}", 1)  # exists before anyone waits on it
-        self._thread = threading.Thread(target=self._bump, args=(store, rank, self._stop), name="gpt2-heartbeat",
-                                        daemon=True)
+        store.set(_alive_key(rank), _heartbeat(0))  # exists before anyone waits on it
+        self._thread = threading.Thread(target=self._bump, args=(store, rank, dist.get_world_size(), self._stop),
+                                        name="gpt2-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -236,11 +243,22 @@ class Liveness:
         self._thread = None
 
     @staticmethod
-    def _bump(store: dist.Store, rank: int, stop: threading.Event) -> None:
-        failing = False
+    def _bump(store: dist.Store, rank: int, world: int, stop: threading.Event) -> None:
+        failing, beats = False, 0
+        peers = [_alive_key(r) for r in range(world) if r != rank]
+        seen: list[bytes] | None = None  # the peers' work counts at the last look, while this rank is idle
         while not stop.wait(HEARTBEAT_S):
             try:
-                store.add(f"gpt2/alive/{rank}", 1)
+                beats += 1
+                store.set(_alive_key(rank), _heartbeat(beats))
+                mine = own_progress()
+                if mine is None or mine[1] < PEERS_AFTER_S:
+                    seen = None  # a look begins afresh: a count seen long ago says nothing of now
+                else:
+                    counts = [value.split(b":")[-1] for value in store.multi_get(peers)]
+                    if seen is not None and counts != seen:
+                        peers_moved()
+                    seen = counts
                 failing = False
             except Exception as err:  # this rank now looks gone to the others, as they are to it
                 if not failing and not stop.is_set():  # (not when the group was just left: rank 0 may be gone)
@@ -264,7 +282,7 @@ class Liveness:
         self._waits += 1
         rank, world = dist.get_rank(), dist.get_world_size()
         arrivals = [f"gpt2/wait/{self._waits}/{r}" for r in range(world)]
-        alive_keys = [f"gpt2/alive/{r}" for r in range(world)]
+        alive_keys = [_alive_key(r) for r in range(world)]
         arrived, said = False, False
         last: list[bytes] = []
         since: list[float] = []
@@ -300,7 +318,7 @@ class Liveness:
                                 "them, and this rank was told to stop (the launcher ends the group, e.g. torchrun "
                                 "after a worker failed): leaving now; the group restarts from the last checkpoint")
             if not stale:
-                beat()
+                beat(waiting=True)
             elif not said:
                 log.error(f"rank(s) {stale} gave no sign of life for {STALE_S:g} s while the others wait for them "
                           "(frozen, cut off or gone); the watchdog ends this wait at its limit")
@@ -310,6 +328,16 @@ class Liveness:
 
 
 _liveness = Liveness()
+
+
+def _alive_key(rank: int) -> str:
+    return f"gpt2/alive/{rank}"
+
+
+def _heartbeat(beats: int) -> str:
+    """A rank's heartbeat: `<beats>:<own work count>` (the first part changes with every beat)."""
+    mine = own_progress()
+    return f"{beats}:{0 if mine is None else mine[0]}"
 
 
 def _store() -> dist.Store | None:

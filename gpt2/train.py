@@ -323,8 +323,7 @@ class Trainer:
         if cfg.train.compile:
             with watchdog.phase("compiling the training step", ceiling=True):
                 self.warm_up()
-        watchdog.steps(before=self.start.step_times, compiled=cfg.train.compile,
-                       copied_data=not self.train_loader.shards.local)
+        watchdog.steps(before=self.start.step_times, compiled=cfg.train.compile)
         with self.preemption:
             for step in range(self.progress.step, max_steps):
                 self.evaluator.run_due(step)

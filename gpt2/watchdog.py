@@ -18,6 +18,11 @@ timeout). The watchdog waits for progress, not for steps:
 * a phase that reports its progress from start to end (`follows=work`, or `measured=True`: a wait
   that beats while every rank lives) is held to the step-based limit even at start-up, before any
   step is timed (FLOOR_S then), so a peer that freezes while a resume loads is found in about a minute;
+* a rank that waits in a collective for a peer that works (a peer's step waiting for its shard
+  copy, beating as the copy grows) is not hung either: each rank publishes how often its own work
+  beat with its heartbeat (`own_progress`, see gpt2.distributed), and a peer's work that moved is
+  progress for the waiting rank too (`peers_moved`). Beats of a wait for other ranks are not
+  published as work (`beat(waiting=True)`), so ranks that wait for one another are still found;
 * a phase that cannot report progress at all (compilation, the start-up) is
   `phase(name, ceiling=True)` and gets the ceiling;
 * the first steps after a (re)start are held to the step-based limit too: with the step times of
@@ -25,8 +30,7 @@ timeout). The watchdog waits for progress, not for steps:
   micro-steps timed so far (the steps beat per micro-step, so a first step many times longer than
   the floor is progress while its micro-steps move); only the first micro-step of a run's first
   start, and until MIN_TIMED steps are timed a compiled model's first steps (which may still
-  compile) and a first start's on copied data (a rank may wait in a step's all-reduce for a
-  peer's shard copy, which it cannot see move), get the ceiling. The ceiling phases' limit is
+  compile), get the ceiling. The ceiling phases' limit is
   `train.hang_timeout_s`, which is also the ceiling of the step-based limit (0 disables the watchdog).
 
 When the limit passes without progress, the watchdog logs the phase, how long it waited and every
@@ -125,6 +129,8 @@ class Watchdog:
         self._slowest_micro_step: float | None = None  # since the steps began: a measure before steps are timed
         self._follows: Work | None = None
         self._last = time.monotonic()
+        self.own_progress = 0  # beats of this process's own work (not of waits for others): for its peers
+        self._peers_moved_at = -math.inf  # when another rank's work was last seen to move
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -144,8 +150,19 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
 
-    def beat(self) -> None:
+    def beat(self, waiting: bool = False) -> None:
+        """Progress; `waiting`: of a wait for other ranks, not of this rank's own work."""
         self._last = time.monotonic()
+        if not waiting:
+            self.own_progress += 1
+
+    def peers_moved(self) -> None:
+        """Another rank's own work moved (seen now): progress for a rank that may wait for it in a collective."""
+        self._peers_moved_at = time.monotonic()
+
+    def idle_s(self) -> float:
+        """Seconds since this process's last progress of its own."""
+        return time.monotonic() - self._last
 
     def step_done(self, seconds: float, timed: bool = True) -> None:
         """A training step finished in `seconds`: progress, and (if `timed`) a measure for the limit."""
@@ -199,23 +216,22 @@ class Watchdog:
     def _idle_and_limit(self, now: float) -> tuple[float, float, bool]:
         """(seconds without progress, the limit now, whether a call of the followed work is in flight)."""
         work, limit = self._follows, self.limit_s
+        last = max(self._last, self._peers_moved_at)
         if work is None:
-            return now - self._last, limit, False
+            return now - last, limit, False
         in_call, until = work.calls_in_flight()
-        last = max(self._last, work.moved_at)
+        last = max(last, work.moved_at)
         return now - last, max(limit, until - last), in_call
 
-    def steps(self, before: Sequence[float] = (), compiled: bool = False, copied_data: bool = False) -> None:
+    def steps(self, before: Sequence[float] = (), compiled: bool = False) -> None:
         """From now on the steps' own limit applies (called once the start-up is over). `before`:
         the run's step times from its previous attempt, which hold the first steps after a restart
         to their limit (they are replaced as steps are timed); without them, the micro-steps timed
-        so far (`micro_step_done`) do, from the first one on. Until MIN_TIMED steps are timed, the
-        ceiling instead: with `compiled` (the first steps may still compile; `before` is not used),
-        and with `copied_data` and nothing from before (shards are copied from a remote store as
-        they are first read: a rank waiting in a step's all-reduce for a peer's copy sees no progress)."""
+        so far (`micro_step_done`) do, from the first one on. With `compiled`, the ceiling instead
+        until MIN_TIMED steps are timed (the first steps may still compile; `before` is not used)."""
         if not compiled:
             self.recent.extend(list(before)[-(self.recent.maxlen or len(before)):])
-        self._slow_start = compiled or (copied_data and not self.recent)
+        self._slow_start = compiled
         self.phase_name, self._ceiling_phase = "training step", False
         self._slowest_micro_step = None
         self.beat()
@@ -227,7 +243,7 @@ class Watchdog:
             if now - polled > SUSPENDED_S:
                 log.warning(f"this process was suspended for {now - polled:.0f} s (SIGSTOP, a frozen VM or node): "
                             "not counted as a hang")
-                self.beat()
+                self.beat(waiting=True)  # a fresh count, not work that its peers may wait for
             polled = now
             idle, limit, in_call = self._idle_and_limit(now)
             if idle > limit:
@@ -291,12 +307,26 @@ def record_within_deadline(record: Callable[[], None], what: str) -> None:
         log.error(f"could not record {what} within {RECORD_DEADLINE_S:g} s (the storage may hang too); exiting")
 
 
-def beat() -> None:
+def beat(waiting: bool = False) -> None:
     """Progress inside a long phase (an evaluation batch, a poll for data, a prepared batch). Only
     the main thread's progress counts: a background thread's work (a read-ahead, a copy) must not
-    hide a main thread stuck elsewhere; whoever waits for that work in the main thread beats for it."""
+    hide a main thread stuck elsewhere; whoever waits for that work in the main thread beats for it.
+    `waiting`: a wait for other ranks (while they live), which is not work a peer may wait for."""
     if _active is not None and threading.current_thread() is threading.main_thread():
-        _active.beat()
+        _active.beat(waiting)
+
+
+def own_progress() -> tuple[int, float] | None:
+    """(how often this process's own work beat, seconds since its last progress), or None without a watchdog."""
+    active = _active
+    return None if active is None else (active.own_progress, active.idle_s())
+
+
+def peers_moved() -> None:
+    """Another rank's own work was seen to move (from any thread); a no-op without a watchdog."""
+    active = _active
+    if active is not None:
+        active.peers_moved()
 
 
 @contextmanager

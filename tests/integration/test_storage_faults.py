@@ -451,10 +451,13 @@ def store_behind_a_link(s3_server):
 
 
 def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_behind_a_link):
-    """data.dir on an S3 store behind a link throttled with tc to 32 kbit/s, shipped defaults. Shard 1
-    (400 KB) takes about 100 s to arrive, while training reaches its end in a few seconds: a step then
-    waits for it longer than the step-based hang limit (60 s here), watching the copy grow. The run
-    finishes with the losses of the same run on local data, and says how far the copy was."""
+    """Two workers, data.dir on an S3 store behind a link throttled with tc to 32 kbit/s, shipped
+    defaults. Shard 1 (400 KB) takes about 100 s to arrive, while training reaches it in a few
+    seconds: rank 1, whose rows enter shard 1 first, waits for it longer than the step-based hang
+    limit (60 s here), watching the copy grow, and rank 0 waits as long in the step's all-reduce,
+    its own main thread still, seeing rank 1's work move (without that, rank 0 exits as hung at
+    60 s). The run finishes with the losses of the same run on local data, and says how far the
+    copy was."""
     from helpers.s3 import S3_BUCKET
 
     from gpt2.shards import MANIFEST
@@ -464,7 +467,7 @@ def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_b
     extra = {"data.shard_tokens": 200000, "train.max_steps": 420, "checkpoint.every": 1000, "eval.val_every": 0}
     local = tmp_path / "local"
     local.mkdir()
-    reference = train(local, extra=extra)
+    reference = train(local, nproc=2, extra=extra)
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
     url = f"s3://{S3_BUCKET}/slow/data"
@@ -482,7 +485,8 @@ def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_b
 
     remote = tmp_path / "remote"
     remote.mkdir()
-    run = popen_train(remote, extra=dict(extra, **{"data.dir": url, "data.cache_dir": str(cache)}), env=server.env)
+    run = popen_train(remote, nproc=2, extra=dict(extra, **{"data.dir": url, "data.cache_dir": str(cache)}),
+                      env=server.env)
     try:
         code = run.wait(timeout=400)
     finally:
@@ -492,6 +496,8 @@ def test_a_shard_fetch_over_a_slow_link_is_progress_not_a_hang(tmp_path, store_b
     waits = [int(w) for w in re.findall(rf"fetching {url}/train_000001.npy: .* MB after (\d+) s of waiting", text)]
     assert waits and max(waits) >= 60, text[-3000:]  # the step waited past the 60 s step limit
     assert "hung" not in text and "no progress" not in text
+    slowest = max(record["step_time_ms"] for record in steps(remote).values())
+    assert slowest >= 60_000, slowest  # rank 0 (which times the steps) waited past the limit in the step
     assert len(losses(remote)) == 420 and losses(remote) == losses(local)
 
 

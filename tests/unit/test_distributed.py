@@ -304,6 +304,52 @@ def test_the_ranks_wait_for_a_slow_finish_and_find_a_frozen_rank_0_in_about_a_mi
     assert waited >= 70, slow[1]  # rank 1 did wait past the floor for rank 0
 
 
+# Two ranks over env:// in a training step, under watchdogs whose step-based limit is 8 s: rank 0
+# goes straight into the step's all-reduce; rank 1 first beats for 25 s, as work of its own (a step
+# that waits for its shard copy) or as a wait for other ranks (`wait_for_all`).
+GROUP_PROGRESS = r"""
+import sys, time
+import torch
+from gpt2 import distributed, logs
+from gpt2.watchdog import Watchdog, beat
+logs.setup()
+distributed.PEERS_AFTER_S = 2.0  # look at the peers' work after 2 s without progress (10 s shipped): a short test
+dist = distributed.init("cpu", 600)
+logs.setup(dist.rank)
+with Watchdog(600, where=lambda: f"rank {dist.rank}", floor_s=8) as watchdog:
+    watchdog.steps(before=[0.01] * 3)
+    t0 = time.monotonic()
+    if dist.rank == 1:
+        while time.monotonic() - t0 < 25:
+            beat(waiting=sys.argv[1] == "waiting")
+            time.sleep(0.2)
+    distributed.all_reduce_sum(torch.zeros(1))
+    print(f"rank {dist.rank} left the step after {time.monotonic() - t0:.0f} s", flush=True)
+distributed.teardown()
+"""
+
+
+def test_a_rank_waiting_in_a_collective_for_a_working_peer_waits_and_for_a_waiting_one_does_not():
+    """A rank whose main thread waits in a collective sees no progress of its own. It waits past
+    its limit while a peer's own work moves (the peer's count, published with its heartbeat), and
+    exits as hung at its limit when the peer only waits too (its beats are not work): ranks that
+    wait for one another must not keep each other alive. Both groups run at once."""
+    groups = {case: start_two_ranks(GROUP_PROGRESS, case) for case in ("working", "waiting")}
+    try:
+        waiting_rank_0 = groups["waiting"][0].communicate(timeout=120)[0]
+        working = [p.communicate(timeout=120)[0] for p in groups["working"]]
+    finally:
+        for p in groups["working"] + groups["waiting"]:
+            p.kill()
+            p.wait()
+    assert groups["waiting"][0].returncode == 201, waiting_rank_0
+    assert "no progress for 8 s in phase 'training step' (rank 0" in waiting_rank_0, waiting_rank_0
+    for rank, out in enumerate(working):
+        assert groups["working"][rank].returncode == 0, out
+    left = int(working[0].split("rank 0 left the step after ")[1].split()[0])
+    assert left >= 24, working[0]  # rank 0 did wait in the all-reduce past its 8 s limit
+
+
 # Two ranks over env://, each with its own eval.hellaswag_path: rank 1's file is missing (a node
 # whose download failed, a path that exists on one node only).
 HELLASWAG = r"""

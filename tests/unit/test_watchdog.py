@@ -110,11 +110,10 @@ def test_a_process_suspended_as_a_whole_is_not_called_hung(tmp_path):
 def test_the_first_steps_are_held_to_the_step_limit_from_the_times_before_or_the_first_micro_step_on():
     from gpt2.watchdog import FLOOR_S, STEP_FACTOR, Watchdog
 
-    fresh, restarted, compiled, copying = Watchdog(600), Watchdog(600), Watchdog(600), Watchdog(600)
+    fresh, restarted, compiled = Watchdog(600), Watchdog(600), Watchdog(600)
     fresh.steps()
-    restarted.steps(before=[0.5, 4.0, 0.5], copied_data=True)
+    restarted.steps(before=[0.5, 4.0, 0.5])
     compiled.steps(before=[0.5, 4.0, 0.5], compiled=True)
-    copying.steps(copied_data=True)  # a first start on data copied from a remote store
     assert fresh.limit_s == 600  # nothing known of the device's speed: the ceiling for the first micro-step
     fresh.micro_step_done(0.5)
     assert fresh.limit_s == FLOOR_S
@@ -124,12 +123,10 @@ def test_the_first_steps_are_held_to_the_step_limit_from_the_times_before_or_the
         fresh.step_done(0.5)
     assert fresh.limit_s == FLOOR_S
     compiled.micro_step_done(0.5)
-    copying.micro_step_done(0.5)
     assert compiled.limit_s == 600  # its first steps may still compile: the ceiling
-    assert copying.limit_s == 600  # a peer's shard copy would not be seen from a collective: the ceiling
     for _ in range(3):
-        copying.step_done(0.5)
-    assert copying.limit_s == FLOOR_S
+        compiled.step_done(0.5)
+    assert compiled.limit_s == FLOOR_S
     assert restarted.limit_s == max(FLOOR_S, STEP_FACTOR * 4.0) == 80
     for _ in range(25):  # its own steps replace the ones from before
         restarted.step_done(0.1)
