@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from gpt2.config import ConfigError
 from gpt2.errors import Gpt2Error, GroupLost
-from gpt2.watchdog import beat, own_progress, peers_moved, phase
+from gpt2.watchdog import beat, collective_wait_s, in_collective, peers_worked, phase, work_idle_s
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 HEARTBEAT_S = 2.0  # each rank bumps its counter in the process group's store this often
 STALE_S = 15.0  # a rank whose counter has not moved for this long is not alive (frozen, cut off, gone)
-PEERS_AFTER_S = 10.0  # a rank whose own work has not moved for this long watches its peers' work
+PEERS_AFTER_S = 10.0  # a rank waiting in a collective without progress for this long looks at its peers' work
 POLL_S = 0.5
 
 
@@ -178,22 +178,28 @@ def _read_bytes(path: str) -> bytes:
         return b""
 
 
+# The collectives below are waits for the other ranks: their work is progress (`in_collective`).
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with in_collective():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with in_collective():
+            dist.barrier()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with in_collective():
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -202,7 +208,8 @@ def all_gather_object(obj: object) -> list[object]:
     if not dist.is_initialized():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with in_collective():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -215,10 +222,10 @@ class Liveness:
     save) waits as long as every rank lives, and a rank that stops (frozen, cut off, gone) is
     found at the waiter's step-based limit instead of the ceiling.
 
-    The heartbeat also carries how often the rank's own work beat its watchdog (`own_progress`).
-    A rank whose main thread has not moved for PEERS_AFTER_S (it may wait in a collective, for a
-    peer's step that waits for its shard copy) reads its peers' counts, and a count that moved is
-    progress for it (`peers_moved`): one slow rank's work is not the others' hang, and ranks that
+    The heartbeat also carries how long ago the rank's own work last beat its watchdog
+    (`work_idle_s`). A rank that has waited in a collective for PEERS_AFTER_S without progress (for
+    a peer's step that waits for its shard copy) reads its peers' heartbeats, and a peer's work is
+    progress for it (`peers_worked`): one slow rank's work is not the others' hang, while ranks that
     all wait (for one another, or for a frozen rank) still are.
     """
 
@@ -245,20 +252,16 @@ class Liveness:
     @staticmethod
     def _bump(store: dist.Store, rank: int, world: int, stop: threading.Event) -> None:
         failing, beats = False, 0
-        peers = [_alive_key(r) for r in range(world) if r != rank]
-        seen: list[bytes] | None = None  # the peers' work counts at the last look, while this rank is idle
+        peers = _PeersWork([_alive_key(r) for r in range(world) if r != rank])
         while not stop.wait(HEARTBEAT_S):
             try:
                 beats += 1
                 store.set(_alive_key(rank), _heartbeat(beats))
-                mine = own_progress()
-                if mine is None or mine[1] < PEERS_AFTER_S:
-                    seen = None  # a look begins afresh: a count seen long ago says nothing of now
+                waited = collective_wait_s()
+                if waited is None or waited < PEERS_AFTER_S:
+                    peers.forget()
                 else:
-                    counts = [value.split(b":")[-1] for value in store.multi_get(peers)]
-                    if seen is not None and counts != seen:
-                        peers_moved()
-                    seen = counts
+                    peers.look(store)
                 failing = False
             except Exception as err:  # this rank now looks gone to the others, as they are to it
                 if not failing and not stop.is_set():  # (not when the group was just left: rank 0 may be gone)
@@ -327,6 +330,31 @@ class Liveness:
         barrier()  # cheap now that every rank is here; keeps every backend's collective order
 
 
+class _PeersWork:
+    """What a rank waiting in a collective learns of its peers' own work, look after look (each
+    look reads every peer's heartbeat)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.seen: list[bytes] | None = None
+        self.looked_at = 0.0
+
+    def forget(self) -> None:
+        """Not waiting: the next look begins afresh (a heartbeat seen long ago says nothing of now)."""
+        self.seen = None
+
+    def look(self, store: dist.Store) -> None:
+        if not store.check(self.keys):  # a peer not started yet: multi_get would block for it
+            return
+        values, now = store.multi_get(self.keys), time.monotonic()
+        for before, value in zip(self.seen or [], values):
+            beats, _, idle = value.partition(b":")
+            if beats != before.partition(b":")[0] and idle not in (b"", b"-"):
+                # set since the last look (a live peer), `idle` seconds after its own work last moved
+                peers_worked(self.looked_at - float(idle))
+        self.seen, self.looked_at = values, now
+
+
 _liveness = Liveness()
 
 
@@ -335,9 +363,10 @@ def _alive_key(rank: int) -> str:
 
 
 def _heartbeat(beats: int) -> str:
-    """A rank's heartbeat: `<beats>:<own work count>` (the first part changes with every beat)."""
-    mine = own_progress()
-    return f"{beats}:{0 if mine is None else mine[0]}"
+    """A rank's heartbeat: `<beats>:<seconds since its own work last beat>` (the first part changes
+    with every beat, so that a peer can tell a live rank from a frozen one)."""
+    idle = work_idle_s()
+    return f"{beats}:{'-' if idle is None else f'{idle:.1f}'}"
 
 
 def _store() -> dist.Store | None:

@@ -57,7 +57,7 @@ from gpt2.runtime import PreemptionFlag, RNGState, autocast_for, ignore_stop_sig
 from gpt2.shards import read_manifest
 from gpt2.storage import ensure_directory
 from gpt2.tokenizer import tokenizer_class
-from gpt2.watchdog import RECENT_STEPS, Watchdog, phase, record_within_deadline
+from gpt2.watchdog import RECENT_STEPS, Watchdog, in_collective, phase, record_within_deadline
 
 log = logging.getLogger("gpt2.train")  # also when run as __main__
 
@@ -439,9 +439,10 @@ class Trainer:
             batch_hash += row_hash(rows, self.train_loader.layout.offset_in_step(micro, self.dist.rank))
             x, y = to_device(rows, self.device)  # pinned + non-blocking on CUDA
             data_seconds += time.perf_counter() - t0
-            # gradients are all-reduced only on the last micro-step (forward and backward both)
+            # gradients are all-reduced only on the last micro-step (forward and backward both): a
+            # wait for the other ranks, whose work is then progress for this rank's watchdog
             last = micro == self.accum - 1
-            sync = self.model.no_sync() if isinstance(self.model, DDP) and not last else nullcontext()
+            sync = in_collective() if last else self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
             started = time.perf_counter()
             with sync:
                 with self.autocast:
@@ -451,8 +452,10 @@ class Trainer:
                 loss.backward()
             # progress per micro-step, and a measure for the first steps: one longer than the floor still moves
             self.watchdog.micro_step_done(time.perf_counter() - started)
-        norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
-        if self.guard.allows(step, float(norm)):
+        with in_collective():  # on a GPU, the all-reduce is waited for here
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.optim.grad_clip)
+            allowed = self.guard.allows(step, float(norm))
+        if allowed:
             self.optimizer.step()
         return StepOutput(loss_sum, norm, batch_hash, data_seconds)
 

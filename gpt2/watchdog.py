@@ -18,11 +18,14 @@ timeout). The watchdog waits for progress, not for steps:
 * a phase that reports its progress from start to end (`follows=work`, or `measured=True`: a wait
   that beats while every rank lives) is held to the step-based limit even at start-up, before any
   step is timed (FLOOR_S then), so a peer that freezes while a resume loads is found in about a minute;
-* a rank that waits in a collective for a peer that works (a peer's step waiting for its shard
-  copy, beating as the copy grows) is not hung either: each rank publishes how often its own work
-  beat with its heartbeat (`own_progress`, see gpt2.distributed), and a peer's work that moved is
-  progress for the waiting rank too (`peers_moved`). Beats of a wait for other ranks are not
-  published as work (`beat(waiting=True)`), so ranks that wait for one another are still found;
+* a rank that waits in a collective (`in_collective()`) for a peer that works (a peer's step
+  waiting for its shard copy, beating as the copy grows) is not hung either: each rank publishes
+  with its heartbeat how long ago its own work last beat (`work_idle_s`, see gpt2.distributed),
+  and a peer's work is progress for a rank in a collective (`peers_worked`), for at most the
+  ceiling since its own last progress. Beats of a wait for other ranks are not work
+  (`beat(waiting=True)`), so ranks that wait for one another are still found, and a rank stuck
+  outside a collective is found at its own limit whatever its peers do. A step that waited for
+  the peers' work is no measure of this rank's speed: it is not timed;
 * a phase that cannot report progress at all (compilation, the start-up) is
   `phase(name, ceiling=True)` and gets the ceiling;
 * the first steps after a (re)start are held to the step-based limit too: with the step times of
@@ -129,8 +132,10 @@ class Watchdog:
         self._slowest_micro_step: float | None = None  # since the steps began: a measure before steps are timed
         self._follows: Work | None = None
         self._last = time.monotonic()
-        self.own_progress = 0  # beats of this process's own work (not of waits for others): for its peers
-        self._peers_moved_at = -math.inf  # when another rank's work was last seen to move
+        self.work_done_at = self._last  # this process's own work's last beat (not a wait for others): for its peers
+        self._in_collective = False  # the main thread waits in a collective: its peers' work is progress for it
+        self._peers_worked_at = -math.inf  # the latest move of another rank's own work seen (time.monotonic())
+        self._carried = False  # this step waited in a collective for the peers' work: not a measure of its speed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -154,25 +159,39 @@ class Watchdog:
         """Progress; `waiting`: of a wait for other ranks, not of this rank's own work."""
         self._last = time.monotonic()
         if not waiting:
-            self.own_progress += 1
+            self.work_done_at = self._last
 
-    def peers_moved(self) -> None:
-        """Another rank's own work moved (seen now): progress for a rank that may wait for it in a collective."""
-        self._peers_moved_at = time.monotonic()
+    @contextmanager
+    def in_collective(self) -> Iterator[None]:
+        """The main thread waits in a collective: the other ranks' work (`peers_worked`) is progress."""
+        previous, self._in_collective = self._in_collective, True
+        try:
+            yield
+        finally:
+            self._in_collective = previous
 
-    def idle_s(self) -> float:
-        """Seconds since this process's last progress of its own."""
-        return time.monotonic() - self._last
+    def collective_wait_s(self) -> float | None:
+        """Seconds since the last progress while the main thread waits in a collective, else None."""
+        return time.monotonic() - self._last if self._in_collective else None
+
+    def peers_worked(self, at: float) -> None:
+        """Another rank's own work moved at `at` (time.monotonic() of this process), seen from any thread."""
+        self._peers_worked_at = max(self._peers_worked_at, at)
+        if self._in_collective and at > self._last:
+            self._carried = True
 
     def step_done(self, seconds: float, timed: bool = True) -> None:
-        """A training step finished in `seconds`: progress, and (if `timed`) a measure for the limit."""
-        if timed:
+        """A training step finished in `seconds`: progress, and (if `timed`, and it did not wait for
+        the other ranks' work) a measure for the limit."""
+        if timed and not self._carried:
             self.recent.append(seconds)
+        self._carried = False
         self.beat()
 
     def micro_step_done(self, seconds: float) -> None:
         """A micro-step's forward and backward took `seconds`: progress, and a measure for the first steps."""
-        self._slowest_micro_step = max(seconds, self._slowest_micro_step or 0.0)
+        if not self._carried:
+            self._slowest_micro_step = max(seconds, self._slowest_micro_step or 0.0)
         self.beat()
 
     @property
@@ -216,7 +235,9 @@ class Watchdog:
     def _idle_and_limit(self, now: float) -> tuple[float, float, bool]:
         """(seconds without progress, the limit now, whether a call of the followed work is in flight)."""
         work, limit = self._follows, self.limit_s
-        last = max(self._last, self._peers_moved_at)
+        last = self._last
+        if self._in_collective and now - self._last < self.ceiling_s:
+            last = max(last, self._peers_worked_at)  # the peers' work, for at most the ceiling
         if work is None:
             return now - last, limit, False
         in_call, until = work.calls_in_flight()
@@ -264,9 +285,11 @@ class Watchdog:
         work = self._follows if in_call else None  # the call in flight is the cause
         code = work.code if work is not None else EXIT_HUNG
         cause = work.overdue if work is not None else "a peer is frozen or a collective or a read hangs"
+        own = time.monotonic() - self._last
+        carried = f"; its own progress {own:.0f} s ago, the other ranks' work since" if own > idle + 1 else ""
         log.error(f"no progress for {idle:.0f} s in phase '{self.phase_name}' ({self.where()}; limit {limit:.0f} s: "
-                  f"{self._why(limit, in_call)}): {cause}. Exiting with {code} so that the job restarts from its "
-                  f"last checkpoint. Stacks of this process:\n{stacks}")
+                  f"{self._why(limit, in_call)}{carried}): {cause}. Exiting with {code} so that the job restarts "
+                  f"from its last checkpoint. Stacks of this process:\n{stacks}")
         self.exit_code, self.cause = code, cause
         record_within_deadline(lambda: self.on_hang(self.phase_name), "the hang")
         try:
@@ -316,17 +339,35 @@ def beat(waiting: bool = False) -> None:
         _active.beat(waiting)
 
 
-def own_progress() -> tuple[int, float] | None:
-    """(how often this process's own work beat, seconds since its last progress), or None without a watchdog."""
+@contextmanager
+def in_collective() -> Iterator[None]:
+    """The main thread waits in a collective: the other ranks' work is progress for it (see
+    `Watchdog.in_collective`); a no-op without a watchdog."""
     active = _active
-    return None if active is None else (active.own_progress, active.idle_s())
+    if active is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with active.in_collective():
+        yield
 
 
-def peers_moved() -> None:
-    """Another rank's own work was seen to move (from any thread); a no-op without a watchdog."""
+def work_idle_s() -> float | None:
+    """Seconds since this process's own work last beat (for its peers), or None without a watchdog."""
+    active = _active
+    return None if active is None else time.monotonic() - active.work_done_at
+
+
+def collective_wait_s() -> float | None:
+    """Seconds the main thread has waited in a collective without progress, or None (not in one, no watchdog)."""
+    active = _active
+    return None if active is None else active.collective_wait_s()
+
+
+def peers_worked(at: float) -> None:
+    """Another rank's own work moved at `at` (time.monotonic() of this process); a no-op without a watchdog."""
     active = _active
     if active is not None:
-        active.peers_moved()
+        active.peers_worked(at)
 
 
 @contextmanager

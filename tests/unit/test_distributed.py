@@ -304,9 +304,11 @@ def test_the_ranks_wait_for_a_slow_finish_and_find_a_frozen_rank_0_in_about_a_mi
     assert waited >= 70, slow[1]  # rank 1 did wait past the floor for rank 0
 
 
-# Two ranks over env:// in a training step, under watchdogs whose step-based limit is 8 s: rank 0
-# goes straight into the step's all-reduce; rank 1 first beats for 25 s, as work of its own (a step
-# that waits for its shard copy) or as a wait for other ranks (`wait_for_all`).
+# Two ranks over env:// in a training step, under watchdogs whose step-based limit is 8 s and
+# whose ceiling is 30 s. One rank beats first, as work of its own (a step that waits for its shard
+# copy: for 20 s, or `looping` for good) or as a wait for other ranks (`waiting`, as `wait_for_all`
+# does), then joins the step's all-reduce. The other goes straight into the all-reduce, or
+# (`stuck`, the working rank being rank 0 then) sleeps outside any collective: a read that hangs.
 GROUP_PROGRESS = r"""
 import sys, time
 import torch
@@ -316,38 +318,51 @@ logs.setup()
 distributed.PEERS_AFTER_S = 2.0  # look at the peers' work after 2 s without progress (10 s shipped): a short test
 dist = distributed.init("cpu", 600)
 logs.setup(dist.rank)
-with Watchdog(600, where=lambda: f"rank {dist.rank}", floor_s=8) as watchdog:
+case = sys.argv[1]
+with Watchdog(30, where=lambda: f"rank {dist.rank}", floor_s=8) as watchdog:
     watchdog.steps(before=[0.01] * 3)
     t0 = time.monotonic()
-    if dist.rank == 1:
-        while time.monotonic() - t0 < 25:
-            beat(waiting=sys.argv[1] == "waiting")
+    if dist.rank == (0 if case == "stuck" else 1):
+        while time.monotonic() - t0 < (120 if case == "looping" else 20):
+            beat(waiting=case == "waiting")
             time.sleep(0.2)
+    elif case == "stuck":
+        time.sleep(120)
     distributed.all_reduce_sum(torch.zeros(1))
     print(f"rank {dist.rank} left the step after {time.monotonic() - t0:.0f} s", flush=True)
 distributed.teardown()
 """
 
 
-def test_a_rank_waiting_in_a_collective_for_a_working_peer_waits_and_for_a_waiting_one_does_not():
+def test_a_rank_in_a_collective_waits_for_a_working_peer_and_only_for_one():
     """A rank whose main thread waits in a collective sees no progress of its own. It waits past
-    its limit while a peer's own work moves (the peer's count, published with its heartbeat), and
-    exits as hung at its limit when the peer only waits too (its beats are not work): ranks that
-    wait for one another must not keep each other alive. Both groups run at once."""
-    groups = {case: start_two_ranks(GROUP_PROGRESS, case) for case in ("working", "waiting")}
+    its limit while a peer's own work moves (published with the peer's heartbeat), but exits as
+    hung at its limit when the peer only waits too (its beats are not work: ranks that wait for one
+    another must not keep each other alive), and at the ceiling (30 s here) when the peer works for
+    good; a rank stuck outside a collective is found at its own limit although its peer works. The
+    four groups run at once."""
+    cases = ("working", "waiting", "looping", "stuck")
+    groups = {case: start_two_ranks(GROUP_PROGRESS, case) for case in cases}
+    found = {"waiting": 0, "looping": 0, "stuck": 1}  # the rank that must exit as hung
     try:
-        waiting_rank_0 = groups["waiting"][0].communicate(timeout=120)[0]
-        working = [p.communicate(timeout=120)[0] for p in groups["working"]]
+        outs = {case: groups[case][rank].communicate(timeout=180)[0] for case, rank in found.items()}
+        working = [p.communicate(timeout=180)[0] for p in groups["working"]]
     finally:
-        for p in groups["working"] + groups["waiting"]:
+        for p in (p for case in cases for p in groups[case]):
             p.kill()
             p.wait()
-    assert groups["waiting"][0].returncode == 201, waiting_rank_0
-    assert "no progress for 8 s in phase 'training step' (rank 0" in waiting_rank_0, waiting_rank_0
+    for case, rank in found.items():
+        assert groups[case][rank].returncode == 201, (case, outs[case])
+    waited = {case: re.search(rf"no progress for (\d+) s in phase 'training step' \(rank {rank}", outs[case])
+              for case, rank in found.items()}
+    assert all(waited.values()), outs
+    assert 8 <= int(waited["waiting"].group(1)) <= 10, outs["waiting"]  # the limit (polled once a second)
+    assert 8 <= int(waited["stuck"].group(1)) <= 10, outs["stuck"]  # not after its peer's 20 s of work
+    assert 30 <= int(waited["looping"].group(1)) <= 32, outs["looping"]  # the ceiling, not the collective's timeout
     for rank, out in enumerate(working):
         assert groups["working"][rank].returncode == 0, out
     left = int(working[0].split("rank 0 left the step after ")[1].split()[0])
-    assert left >= 24, working[0]  # rank 0 did wait in the all-reduce past its 8 s limit
+    assert left >= 19, working[0]  # rank 0 did wait in the all-reduce past its 8 s limit
 
 
 # Two ranks over env://, each with its own eval.hellaswag_path: rank 1's file is missing (a node

@@ -317,3 +317,22 @@ def test_a_measured_phase_at_start_up_is_held_to_the_floor_not_the_ceiling(capsy
             while not codes and time.monotonic() - t0 < 8:
                 time.sleep(0.05)
     assert codes == [202] and 2.9 <= time.monotonic() - t0 < 4.5, time.monotonic() - t0
+
+
+def test_a_step_that_waited_in_a_collective_for_the_other_ranks_work_is_not_timed():
+    """A step in which this rank waited in a collective while a peer worked (the peer's shard copy)
+    measures the peer's wait, not this rank's speed: timed, it would raise the limit to the
+    ceiling for the next 20 steps. The peer's work outside a collective changes nothing."""
+    from gpt2.watchdog import FLOOR_S, STEP_FACTOR, Watchdog
+
+    dog = Watchdog(600)
+    dog.steps(before=[0.5, 0.5, 0.5])
+    dog.peers_worked(time.monotonic())  # not in a collective: this rank's own step
+    dog.step_done(4.0)
+    assert dog.limit_s == STEP_FACTOR * 4.0
+    with dog.in_collective():
+        dog.peers_worked(time.monotonic())
+    dog.step_done(45.0)
+    assert dog.limit_s == STEP_FACTOR * 4.0  # not 600
+    dog.step_done(0.5)
+    assert dog.limit_s == STEP_FACTOR * 4.0 and len(dog.recent) == 5 and FLOOR_S < dog.limit_s
