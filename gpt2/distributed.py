@@ -185,6 +185,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         with in_collective():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            if t.is_cuda:  # NCCL returns before the others arrive: the wait is here, in the collective
+                torch.cuda.current_stream(t.device).synchronize()
     return t
 
 
@@ -337,7 +339,6 @@ class _PeersWork:
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
         self.seen: list[bytes] | None = None
-        self.looked_at = 0.0
 
     def forget(self) -> None:
         """Not waiting: the next look begins afresh (a heartbeat seen long ago says nothing of now)."""
@@ -346,13 +347,15 @@ class _PeersWork:
     def look(self, store: dist.Store) -> None:
         if not store.check(self.keys):  # a peer not started yet: multi_get would block for it
             return
-        values, now = store.multi_get(self.keys), time.monotonic()
+        now = time.monotonic()
+        values = store.multi_get(self.keys)
         for before, value in zip(self.seen or [], values):
             beats, _, idle = value.partition(b":")
             if beats != before.partition(b":")[0] and idle not in (b"", b"-"):
-                # set since the last look (a live peer), `idle` seconds after its own work last moved
-                peers_worked(self.looked_at - float(idle))
-        self.seen, self.looked_at = values, now
+                # set since the last look (a live peer), `idle` s after its own work last moved; a
+                # move is seen up to two heartbeats late (the peer's, then this rank's look)
+                peers_worked(now - float(idle), late_s=2 * HEARTBEAT_S)
+        self.seen = values
 
 
 _liveness = Liveness()

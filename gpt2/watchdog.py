@@ -135,6 +135,7 @@ class Watchdog:
         self.work_done_at = self._last  # this process's own work's last beat (not a wait for others): for its peers
         self._in_collective = False  # the main thread waits in a collective: its peers' work is progress for it
         self._peers_worked_at = -math.inf  # the latest move of another rank's own work seen (time.monotonic())
+        self._peers_late_s = 0.0  # how late a move of another rank's work may be seen here
         self._carried = False  # this step waited in a collective for the peers' work: not a measure of its speed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,9 +175,10 @@ class Watchdog:
         """Seconds since the last progress while the main thread waits in a collective, else None."""
         return time.monotonic() - self._last if self._in_collective else None
 
-    def peers_worked(self, at: float) -> None:
-        """Another rank's own work moved at `at` (time.monotonic() of this process), seen from any thread."""
-        self._peers_worked_at = max(self._peers_worked_at, at)
+    def peers_worked(self, at: float, late_s: float = 0.0) -> None:
+        """Another rank's own work moved at `at` (time.monotonic() of this process), seen from any
+        thread; such a move may be seen up to `late_s` late, which the limit then allows for."""
+        self._peers_worked_at, self._peers_late_s = max(self._peers_worked_at, at), late_s
         if self._in_collective and at > self._last:
             self._carried = True
 
@@ -236,8 +238,9 @@ class Watchdog:
         """(seconds without progress, the limit now, whether a call of the followed work is in flight)."""
         work, limit = self._follows, self.limit_s
         last = self._last
-        if self._in_collective and now - self._last < self.ceiling_s:
-            last = max(last, self._peers_worked_at)  # the peers' work, for at most the ceiling
+        if self._in_collective and now - self._last < self.ceiling_s and self._peers_worked_at > last:
+            # the peers' work, for at most the ceiling; its next move is seen late: the limit allows for it
+            last, limit = self._peers_worked_at, limit + self._peers_late_s
         if work is None:
             return now - last, limit, False
         in_call, until = work.calls_in_flight()
@@ -286,7 +289,12 @@ class Watchdog:
         code = work.code if work is not None else EXIT_HUNG
         cause = work.overdue if work is not None else "a peer is frozen or a collective or a read hangs"
         own = time.monotonic() - self._last
-        carried = f"; its own progress {own:.0f} s ago, the other ranks' work since" if own > idle + 1 else ""
+        carried = ""
+        if own > idle + 1:
+            carried = f"; its own progress {own:.0f} s ago, the other ranks' work since"
+        elif self._in_collective and own >= self.ceiling_s and self._peers_worked_at > self._last:
+            carried = (f"; the other ranks' work moved since its own progress, which counts for at most "
+                       f"train.hang_timeout_s={self.ceiling_s:g}")
         log.error(f"no progress for {idle:.0f} s in phase '{self.phase_name}' ({self.where()}; limit {limit:.0f} s: "
                   f"{self._why(limit, in_call)}{carried}): {cause}. Exiting with {code} so that the job restarts "
                   f"from its last checkpoint. Stacks of this process:\n{stacks}")
@@ -363,11 +371,12 @@ def collective_wait_s() -> float | None:
     return None if active is None else active.collective_wait_s()
 
 
-def peers_worked(at: float) -> None:
-    """Another rank's own work moved at `at` (time.monotonic() of this process); a no-op without a watchdog."""
+def peers_worked(at: float, late_s: float = 0.0) -> None:
+    """Another rank's own work moved at `at` (time.monotonic() of this process), which may be seen up
+    to `late_s` late; a no-op without a watchdog."""
     active = _active
     if active is not None:
-        active.peers_worked(at)
+        active.peers_worked(at, late_s)
 
 
 @contextmanager
