@@ -441,8 +441,10 @@ class Trainer:
             data_seconds += time.perf_counter() - t0
             # gradients are all-reduced only on the last micro-step (forward and backward both): a
             # wait for the other ranks, whose work is then progress for this rank's watchdog
-            last = micro == self.accum - 1
-            sync = in_collective() if last else self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
+            if micro == self.accum - 1:
+                sync = in_collective()
+            else:
+                sync = self.model.no_sync() if isinstance(self.model, DDP) else nullcontext()
             started = time.perf_counter()
             with sync:
                 with self.autocast:
