@@ -180,7 +180,7 @@ class CheckpointConfig:
     resume: str = "auto"
     async_save: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
-    # Transient storage errors are retried this many times with exponential backoff.
+    # Transient storage errors are retried this many times with exponential backoff (0.5 s, doubling, at most 30 s).
     retries: int = 5
     # The run's lease (one writer per checkpoint.dir, gpt2/checkpoint/lease.py): renewed every
     # ttl/4 s; a lease that another start watches unchanged for this long (by its own clock) is

@@ -30,6 +30,7 @@ PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # a storage call without an answer for this long says so, and again every as long: a hung store
 # shows itself (a call may never end: s3fs against a frozen S3 server gave no answer in 12 minutes)
 SLOW_CALL_S = 10.0
+MAX_BACKOFF_S = 30.0  # the longest back-off between two tries: well under the watchdog's floor
 
 
 
@@ -74,9 +75,10 @@ def join(path: str, *parts: str) -> str:
 
 def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: float = 0.5,
                  deadline: Callable[[], float] | None = None) -> T:
-    """Run `fn`, retrying transient failures with exponential backoff; StorageUnavailable at the end,
-    or once `deadline()` (a `time.monotonic()` value, read at each failure) has passed: the last
-    back-off is cut short so that one try lands at the deadline.
+    """Run `fn`, retrying transient failures with exponential backoff (at most MAX_BACKOFF_S a
+    pause; a pause is allowed to the `Work` this thread reports to, as a call is); StorageUnavailable
+    at the end, or once `deadline()` (a `time.monotonic()` value, read at each failure) has passed:
+    the last back-off is cut short so that one try lands at the deadline.
 
     FileNotFoundError is not transient: it is raised at once. Neither is a refusal (StorageError at
     once, naming what to check), a full disk, a quota or a read-only file system (StorageFull).
@@ -102,9 +104,10 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = 5, base_delay: f
             if left <= 0:
                 raise StorageUnavailable(f"{what} failed after {tries}, with no time left to try again: "
                                          f"{type(err).__name__}: {err}") from err
-            delay = min(base_delay * 2**attempt, left)
+            delay = min(base_delay * 2**attempt, MAX_BACKOFF_S, left)
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(err).__name__, err, delay)
-            time.sleep(delay)
+            with _in_flight.pausing(delay):
+                time.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -144,6 +147,11 @@ class _InFlight:
             with self.lock:
                 del self.calls[id(call)]
             self.local.call = outer
+
+    def pausing(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """A back-off of `seconds` between two tries: allowed to this thread's `Work`, not a stall."""
+        report = getattr(self.local, "report", None)
+        return report[0].allowing(seconds + 1.0) if report else contextlib.nullcontext()
 
     def heard(self) -> None:
         call = getattr(self.local, "call", None)

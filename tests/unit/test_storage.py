@@ -173,3 +173,45 @@ def test_a_thread_reporting_to_work_allows_each_call_and_moves_it_at_each_chunk_
     other.start()
     other.join()
     assert seen[-1][0][0] is False and work.moved_at == before  # not reporting: no allowance, no move
+
+
+def test_a_back_off_is_allowed_to_the_work_and_capped(monkeypatch):
+    """A pause between two tries is not a stall: a phase that follows the work waits through
+    back-offs longer than its limit (here 0.4 s); and no pause is longer than MAX_BACKOFF_S, so
+    `checkpoint.retries` set high does not sleep past the watchdog's floor."""
+    import threading
+
+    from gpt2 import watchdog
+    from gpt2.watchdog import Watchdog, Work
+
+    codes, calls, work = [], [], Work()
+
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("connection reset")
+        return "ok"
+
+    def save():
+        with storage.reporting_to(work, lambda: 0.1):
+            got.append(with_retries(flaky, "writing x", retries=3, base_delay=1.0))
+
+    got: list[str] = []
+    with Watchdog(30.0, exit=codes.append, floor_s=0.4, factor=20) as dog:
+        dog.steps([0.01] * 3)
+        with watchdog.phase("checkpoint save", follows=work):
+            saver = threading.Thread(target=save)
+            saver.start()
+            saver.join()
+    assert got == ["ok"] and codes == []
+    assert 2.9 < calls[-1] - calls[0] < 4.0  # back-offs of 1 s and 2 s, each longer than the limit
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(storage, "MAX_BACKOFF_S", 0.2)
+    calls.clear()
+    with pytest.raises(StorageError, match="failed after 4 attempts"):
+        with_retries(down, "reading y", retries=3, base_delay=10.0)
+    assert calls[-1] - calls[0] < 1.5  # 3 pauses of 0.2 s, not 10 + 20 + 40 s

@@ -255,15 +255,16 @@ def test_a_call_is_allowed_from_its_own_start_not_from_when_a_phase_begins_to_fo
 
     with Watchdog(30.0, exit=codes.append, **SMALL) as dog:
         timed_steps(dog)
-        threading.Thread(target=hung_call, args=(2.0,), daemon=True).start()
-        for _ in range(15):  # training goes on for 1.5 s meanwhile
+        threading.Thread(target=hung_call, args=(4.0,), daemon=True).start()
+        for _ in range(35):  # training goes on for 3.5 s meanwhile
             time.sleep(0.1)
             dog.step_done(0.01)
         t0 = time.monotonic()
         with watchdog.phase("checkpoint save", follows=work):
-            while not codes and time.monotonic() - t0 < 5:
+            while not codes and time.monotonic() - t0 < 8:
                 time.sleep(0.05)
-    assert codes == [202] and time.monotonic() - t0 < 1.5  # the call's 2 s, not 2 s more after the join
+    # the call's 4 s (0.5 s left, and the watchdog's 1 s poll), not 4 s more after the join
+    assert codes == [202] and time.monotonic() - t0 < 3.0
 
     codes.clear()
     work = watchdog.Work("checkpoint.dir has not answered", code=202)
