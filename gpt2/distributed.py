@@ -55,6 +55,12 @@ def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
 
     `timeout_s` bounds every collective (0: torch's default of 30 minutes); a collective that
     times out raises, and the trainer exits so that the group restarts.
+
+    Every rank first says in the group's store that it has started, and waits for the others under
+    the watchdog's ceiling: until a rank arrives, a slow start (importing torch from a shared file
+    system) cannot be told from a frozen one. Joining the group then takes seconds and is held to
+    the step-based limit (its floor): a rank frozen or cut off after it arrived is found in about a
+    minute, not at the ceiling.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -68,24 +74,33 @@ def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
         # NCCL's heartbeat monitor (default 480 s) would kill a rank stuck in a long phase before our
         # watchdog and the collective timeout could say why: it comes after both
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(timeout.total_seconds()) + 60))
-        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(world, timeout),
-                                rank=rank, world_size=world, device_id=device if device.type == "cuda" else None)
+        with phase("start-up: waiting for every rank to start", ceiling=True):
+            store = _group_store(rank, world, timeout)
+            store.set(f"gpt2/started/{rank}", "1")
+            store.wait([f"gpt2/started/{r}" for r in range(world)])
+        with phase("start-up: joining the process group (every rank has started)", measured=True):
+            dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
+                                    device_id=device if device.type == "cuda" else None)
         _liveness.start(rank)
     return Dist(rank, local_rank, world, device)
 
 
-def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
-    """A key space of this restart attempt in torchrun's shared TCP store, or None for env://.
+def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The process group's store, as torch's env:// would make it (rank 0 hosts a TCP store at
+    MASTER_ADDR:MASTER_PORT), or, where torchrun's agent hosts it, this restart attempt's key space there.
 
     torchrun (torch 2.13) shares one TCPStore across restarts; without a per-attempt prefix a
     restarted worker reads its dead peers' addresses and process-group set-up fails. The launchers
     set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per rendezvous round, also right for
     multi-node membership changes); this prefix covers plain single-node torchrun.
     """
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if not address or not port.isdigit():
+        raise ConfigError(f"RANK is set but MASTER_ADDR={address!r} and MASTER_PORT={port!r} do not name rank 0's "
+                          "host and port: start the trainer with torchrun (or set both)")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=timeout)
+        return dist.TCPStore(address, int(port), world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    store = dist.TCPStore(address, int(port), world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -531,7 +531,8 @@ def run(cfg: Config) -> int:
 
     last_step: list[int | str] = ["?"]  # for the watchdog's message once the trainer is gone (the teardown)
     watchdog = Watchdog(cfg.train.hang_timeout_s, on_hang=hung, before_exit=end_stopped_peers, where=lambda: (
-        f"rank {dist.rank if dist else '?'}, step {trainer.progress.step if trainer else last_step[0]}"))
+        f"rank {dist.rank if dist else os.environ.get('RANK', '?')}, "
+        f"step {trainer.progress.step if trainer else last_step[0]}"))
     with watchdog:  # everything, the clean-up after the loop too, is watched
         try:
             # collectives time out after twice the watchdog's ceiling: the watchdog, with its clearer

@@ -127,6 +127,40 @@ def test_a_worker_frozen_in_the_first_steps_of_a_new_run_is_found_at_the_floor_n
     assert first_steps, f"in 3 runs the freeze landed after the first timed steps: the test could not tell ({found})"
 
 
+def test_a_slow_start_is_waited_for_and_a_rank_that_started_but_never_joins_is_found_at_the_floor(tmp_path):
+    """Shipped defaults, rank 0 of two started as torchrun starts it. Rank 1 is this test: it arrives
+    in the group's store after more than the floor (a slow start, e.g. imports from a shared file
+    system: waited for, under the ceiling), then never joins the process group (a rank frozen or cut
+    off right after it started). Rank 0 is found at the floor in the join, not at the 600 s ceiling."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    run, log = popen_train(tmp_path, env=env), tmp_path / "train.log"
+    try:
+        time.sleep(FLOOR_S + 5)
+        assert run.poll() is None and "no progress" not in log.read_text(), log.read_text()[-4000:]
+        store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=60))
+        store.set("gpt2/started/1", "1")  # arrived; now silent, as a frozen rank is
+        t0 = time.monotonic()
+        code = run.wait(timeout=300)  # at the ceiling this would be 600 s
+        took = time.monotonic() - t0
+    finally:
+        stop(run)
+    text = log.read_text()
+    assert code == EXIT_HUNG, text[-4000:]
+    found = re.search(r"no progress for (\d+) s in phase 'start-up: joining the process group \(every rank has "
+                      r"started\)' \(rank 0, step \?; limit (\d+) s", text)
+    assert found and int(found.group(2)) == FLOOR_S, text[-4000:]
+    assert FLOOR_S <= took < FLOOR_S + 20, took
+
+
 def test_an_evaluation_many_times_longer_than_a_step_does_not_fire_the_watchdog(tmp_path):
     """HellaSwag on a slow device: the demo model scoring thousands of examples on CPU takes longer
     than the step-based limit (the 60 s floor here), with the shipped defaults; it beats per example,
