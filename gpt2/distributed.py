@@ -50,17 +50,14 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
+def init(device_preference: str = "auto", timeout_s: float = 0, start_wait_s: float = 0) -> Dist:
     """Join the process group when started by torchrun (RANK/WORLD_SIZE set); NCCL on GPUs, gloo on CPU.
 
     `timeout_s` bounds every collective (0: torch's default of 30 minutes); a collective that
-    times out raises, and the trainer exits so that the group restarts.
-
-    Every rank first says in the group's store that it has started, and waits for the others under
-    the watchdog's ceiling: until a rank arrives, a slow start (importing torch from a shared file
-    system) cannot be told from a frozen one. Joining the group then takes seconds and is held to
-    the step-based limit (its floor): a rank frozen or cut off after it arrived is found in about a
-    minute, not at the ceiling.
+    times out raises, and the trainer exits so that the group restarts. `start_wait_s` bounds the
+    wait for every rank to start (0: `timeout_s`), see `wait_for_every_rank_to_start`. Joining the
+    group then takes seconds and is held to the step-based limit (its floor): a rank frozen or cut
+    off after it started is found in about a minute. GroupLost where the group cannot be formed.
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -74,15 +71,40 @@ def init(device_preference: str = "auto", timeout_s: float = 0) -> Dist:
         # NCCL's heartbeat monitor (default 480 s) would kill a rank stuck in a long phase before our
         # watchdog and the collective timeout could say why: it comes after both
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(timeout.total_seconds()) + 60))
-        with phase("start-up: waiting for every rank to start", ceiling=True):
-            store = _group_store(rank, world, timeout)
-            store.set(f"gpt2/started/{rank}", "1")
-            store.wait([f"gpt2/started/{r}" for r in range(world)])
-        with phase("start-up: joining the process group (every rank has started)", measured=True):
-            dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
-                                    device_id=device if device.type == "cuda" else None)
+        try:
+            with phase("start-up: reaching rank 0's store (a rank that has not started cannot be told from a "
+                       "frozen one)", ceiling=True):
+                store = _group_store(rank, world, timeout)
+            wait_for_every_rank_to_start(store, rank, world, start_wait_s or timeout.total_seconds())
+            with phase("start-up: joining the process group (every rank has started)", measured=True):
+                dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
+                                        device_id=device if device.type == "cuda" else None)
+        except Exception as err:  # a peer gone, rank 0's store gone: a restart of the group helps
+            lost = group_failure(err)
+            if lost is None:
+                raise
+            raise lost from err
         _liveness.start(rank)
     return Dist(rank, local_rank, world, device)
+
+
+def wait_for_every_rank_to_start(store: dist.Store, rank: int, world: int, limit_s: float) -> None:
+    """Say in the group's store that this rank has started, and wait for the others: as long as the
+    store answers (each answer is progress; a store whose host froze answers no more, and the
+    watchdog's limit applies) for up to `limit_s`, since a slow start (importing torch from a shared
+    file system) cannot be told from a frozen one before it arrives. GroupLost past `limit_s`."""
+    keys = [f"gpt2/started/{r}" for r in range(world)]
+    started = time.monotonic()
+    with phase("start-up: waiting for every rank to start", measured=True):
+        store.set(keys[rank], "1")
+        while not store.check(keys):
+            if time.monotonic() - started > limit_s:
+                missing = [r for r, key in enumerate(keys) if not store.check([key])]
+                raise GroupLost(f"rank(s) {missing} did not start within {limit_s:g} s (train.hang_timeout_s) "
+                                "while the others waited for them: check those nodes' logs; this rank exits so "
+                                "that the group restarts")
+            beat(waiting=True)
+            time.sleep(POLL_S)
 
 
 def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -99,7 +121,9 @@ def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
         raise ConfigError(f"RANK is set but MASTER_ADDR={address!r} and MASTER_PORT={port!r} do not name rank 0's "
                           "host and port: start the trainer with torchrun (or set both)")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return dist.TCPStore(address, int(port), world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+        # the wait for every rank is `wait_for_every_rank_to_start`'s, not the constructor's (not watched)
+        return dist.TCPStore(address, int(port), world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True,
+                             wait_for_workers=False, use_libuv=os.environ.get("USE_LIBUV", "1") == "1")
     store = dist.TCPStore(address, int(port), world_size, is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/gpt2/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 

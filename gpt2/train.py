@@ -537,7 +537,7 @@ def run(cfg: Config) -> int:
         try:
             # collectives time out after twice the watchdog's ceiling: the watchdog, with its clearer
             # message, acts first
-            dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s)
+            dist = distributed.init(cfg.train.device, 2 * cfg.train.hang_timeout_s, cfg.train.hang_timeout_s)
             logs.setup(dist.rank)
             trainer = Trainer.build(cfg, dist, watchdog)
             code = trainer.fit()

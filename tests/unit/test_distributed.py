@@ -159,19 +159,74 @@ def test_an_hour_long_wait_for_a_living_rank_0_polls_at_a_steady_pace(monkeypatc
     assert 3600.0 <= clock[0] < 3600.0 + POLL_S
 
 
-def start_two_ranks(script: str, *args: str) -> list[subprocess.Popen]:
-    """Ranks 0 and 1 of a group over env:// (the store on rank 0, as with srun), each running
-    `script` with `args`; their output (stdout and stderr) is read with communicate()."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_two_ranks(script: str, *args: str, world: int = 2, port: int | None = None) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of a group of `world` over env:// (the store on rank 0, as with srun, at `port`),
+    each running `script` with `args`; their output (stdout and stderr) is read with communicate()."""
+    port = port or free_port()
     return [subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                             env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
             for r in (0, 1)]
+
+
+# Ranks 0 and 1 of three (rank 2 never starts) join the group under a watchdog with a 5 s floor, as
+# in `gpt2.train.run`, waiting up to 12 s for every rank to start; rank 1 prints each wait's progress.
+STARTING = r"""
+import os, sys, time
+from gpt2 import distributed, logs
+from gpt2.errors import Gpt2Error
+from gpt2.watchdog import Watchdog
+logs.setup()
+rank = os.environ["RANK"]
+with Watchdog(600, where=lambda: f"rank {rank}", floor_s=5.0) as watchdog:
+    t0 = time.monotonic()
+    try:
+        distributed.init("cpu", 1200, 12)
+    except Gpt2Error as err:
+        print(f"rank {rank} raised {type(err).__name__} after {time.monotonic() - t0:.0f} s: {err}", flush=True)
+"""
+
+
+def test_the_start_waits_for_a_slow_rank_within_its_limit_and_finds_a_frozen_rank_0_at_the_floor():
+    """Waiting for every rank to start goes past the floor while rank 0's store answers, and ends at
+    its limit naming the missing rank (GroupLost: a restart helps); once rank 0 (the store's host)
+    freezes, a waiting rank is found at the floor (5 s here), not at the ceiling (600 s). Both at once."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    port = free_port()
+    slow, frozen = start_two_ranks(STARTING, world=3), start_two_ranks(STARTING, world=3, port=port)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=60),
+                              wait_for_workers=False)
+        while not store.check(["gpt2/started/0", "gpt2/started/1"]):  # both wait for rank 2 now
+            time.sleep(0.1)
+        os.kill(frozen[0].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        frozen_rank_1 = frozen[1].communicate(timeout=120)[0]
+        found_after = time.monotonic() - t0
+        outs = [p.communicate(timeout=120)[0] for p in slow]
+    finally:
+        for p in slow + frozen:
+            p.kill()
+            p.wait()
+    for rank, out in enumerate(outs):
+        said = re.search(rf"rank {rank} raised GroupLost after (\d+) s: rank\(s\) \[2\] did not start within 12 s", out)
+        assert said and 12 <= int(said.group(1)) < 20, out
+    assert frozen[1].returncode == 201, frozen_rank_1
+    assert re.search(r"no progress for \d+ s in phase 'start-up: waiting for every rank to start' \(rank 1; limit 5 s",
+                     frozen_rank_1), frozen_rank_1
+    assert found_after < 15, (found_after, frozen_rank_1)
 
 
 # Two ranks: rank 0 refuses the start in one of the start-up's decisions (its resume plan, its
