@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,39 +73,55 @@ def init(device_preference: str = "auto", timeout_s: float = 0, start_wait_s: fl
         # watchdog and the collective timeout could say why: it comes after both
         os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(timeout.total_seconds()) + 60))
         try:
-            with phase("start-up: reaching rank 0's store (a rank that has not started cannot be told from a "
-                       "frozen one)", ceiling=True):
+            with phase("start-up: reaching the group's store (a rank that has not started cannot be told from "
+                       "a frozen one)", ceiling=True):
                 store = _group_store(rank, world, timeout)
             wait_for_every_rank_to_start(store, rank, world, start_wait_s or timeout.total_seconds())
             with phase("start-up: joining the process group (every rank has started)", measured=True):
                 dist.init_process_group(backend=backend, timeout=timeout, store=store, rank=rank, world_size=world,
                                         device_id=device if device.type == "cuda" else None)
-        except Exception as err:  # a peer gone, rank 0's store gone: a restart of the group helps
-            lost = group_failure(err)
-            if lost is None:
-                raise
-            raise lost from err
+        except (dist.DistStoreError, dist.DistNetworkError) as err:  # the store's host gone: a restart helps
+            log.error("forming the process group failed:\n%s", traceback.format_exc())
+            raise GroupLost(f"forming the process group failed: the group's store (at MASTER_ADDR:MASTER_PORT) "
+                            f"failed ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); "
+                            "rank 0 or the link to it is gone: this rank exits so that the group restarts") from err
         _liveness.start(rank)
     return Dist(rank, local_rank, world, device)
+
+
+START_ABANDONED = "gpt2/start_abandoned"
 
 
 def wait_for_every_rank_to_start(store: dist.Store, rank: int, world: int, limit_s: float) -> None:
     """Say in the group's store that this rank has started, and wait for the others: as long as the
     store answers (each answer is progress; a store whose host froze answers no more, and the
     watchdog's limit applies) for up to `limit_s`, since a slow start (importing torch from a shared
-    file system) cannot be told from a frozen one before it arrives. GroupLost past `limit_s`."""
+    file system) cannot be told from a frozen one before it arrives. Rank 0 decides when the wait is
+    over (it hosts the store, which ends with it) and says so: GroupLost on every rank, naming the
+    missing ranks; the others give up on their own only POLL_S x 8 later."""
     keys = [f"gpt2/started/{r}" for r in range(world)]
     started = time.monotonic()
     with phase("start-up: waiting for every rank to start", measured=True):
         store.set(keys[rank], "1")
-        while not store.check(keys):
-            if time.monotonic() - started > limit_s:
+        store.add("gpt2/started", 1)  # polled as a count: one key however many ranks
+        while store.add("gpt2/started", 0) < world:
+            waited = time.monotonic() - started
+            if rank == 0 and waited > limit_s:
                 missing = [r for r, key in enumerate(keys) if not store.check([key])]
-                raise GroupLost(f"rank(s) {missing} did not start within {limit_s:g} s (train.hang_timeout_s) "
-                                "while the others waited for them: check those nodes' logs; this rank exits so "
-                                "that the group restarts")
+                if missing:
+                    store.set(START_ABANDONED, f"rank(s) {missing} did not start within {limit_s:g} s")
+                    time.sleep(2 * POLL_S)  # the others read it before the store ends with this process
+                    raise GroupLost(_abandoned(store))
+            if rank != 0 and (store.check([START_ABANDONED]) or waited > limit_s + 8 * POLL_S):
+                raise GroupLost(_abandoned(store) if store.check([START_ABANDONED]) else
+                                f"the other ranks did not all start within {limit_s:g} s")
             beat(waiting=True)
             time.sleep(POLL_S)
+
+
+def _abandoned(store: dist.Store) -> str:
+    return (f"{store.get(START_ABANDONED).decode()} (train.hang_timeout_s) while the others waited for them: "
+            "check those nodes' logs; this rank exits so that the group restarts")
 
 
 def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -117,7 +134,7 @@ def _group_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     multi-node membership changes); this prefix covers plain single-node torchrun.
     """
     address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
-    if not address or not port.isdigit():
+    if not address or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"RANK is set but MASTER_ADDR={address!r} and MASTER_PORT={port!r} do not name rank 0's "
                           "host and port: start the trainer with torchrun (or set both)")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":

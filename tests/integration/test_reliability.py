@@ -147,7 +147,8 @@ def test_a_slow_start_is_waited_for_and_a_rank_that_started_but_never_joins_is_f
         time.sleep(FLOOR_S + 5)
         assert run.poll() is None and "no progress" not in log.read_text(), log.read_text()[-4000:]
         store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=60))
-        store.set("gpt2/started/1", "1")  # arrived; now silent, as a frozen rank is
+        store.set("gpt2/started/1", "1")  # arrived as a rank does; now silent, as a frozen rank is
+        store.add("gpt2/started", 1)
         t0 = time.monotonic()
         code = run.wait(timeout=300)  # at the ceiling this would be 600 s
         took = time.monotonic() - t0

@@ -209,7 +209,7 @@ def test_the_start_waits_for_a_slow_rank_within_its_limit_and_finds_a_frozen_ran
     try:
         store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=60),
                               wait_for_workers=False)
-        while not store.check(["gpt2/started/0", "gpt2/started/1"]):  # both wait for rank 2 now
+        while store.add("gpt2/started", 0) < 2:  # both wait for rank 2 now
             time.sleep(0.1)
         os.kill(frozen[0].pid, signal.SIGSTOP)
         t0 = time.monotonic()
@@ -220,9 +220,10 @@ def test_the_start_waits_for_a_slow_rank_within_its_limit_and_finds_a_frozen_ran
         for p in slow + frozen:
             p.kill()
             p.wait()
+    # rank 0 decides at its 12 s and says so; rank 1 (which started a little later) names the rank too
     for rank, out in enumerate(outs):
         said = re.search(rf"rank {rank} raised GroupLost after (\d+) s: rank\(s\) \[2\] did not start within 12 s", out)
-        assert said and 12 <= int(said.group(1)) < 20, out
+        assert said and (12 <= int(said.group(1)) < 20 if rank == 0 else 5 < int(said.group(1)) < 20), out
     assert frozen[1].returncode == 201, frozen_rank_1
     assert re.search(r"no progress for \d+ s in phase 'start-up: waiting for every rank to start' \(rank 1; limit 5 s",
                      frozen_rank_1), frozen_rank_1
